@@ -1,0 +1,134 @@
+"""Jobs: what producers put on the queue.
+
+A job is validated here, at the edge, before it is ever enqueued; the worker validates it again on
+receipt. Jobs are JSON only. The job id is derived from the job's content, so the same input,
+model and options always give the same id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+DEFAULT_TEMPLATE = "This is a photo of {}."
+MAX_TEXT_CHARS = 20_000
+MAX_LABELS = 1_000
+MAX_JOBS_PER_MESSAGE = 256
+
+TemplateSetName = Literal["default", "openai_imagenet", "simple_imagenet"]
+
+
+class Task(StrEnum):
+    IMAGE_EMBEDDING = "image_embedding"
+    TEXT_EMBEDDING = "text_embedding"
+    ZERO_SHOT = "zero_shot"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ZeroShotOptions(_Frozen):
+    """Candidate labels scored against an image.
+
+    `templates` is either a list of prompt templates with one `{}` each, or the name of a
+    prompt ensemble (`openai_imagenet`: open_clip's 80 ImageNet templates; `simple_imagenet`: 7).
+    Scores are a softmax over the labels; with `multi_label` each label is scored on its own
+    (see README, "Zero-shot scores").
+    """
+
+    labels: Annotated[list[str], Field(max_length=MAX_LABELS)]
+    templates: list[str] | TemplateSetName = "default"
+    top_k: Annotated[int, Field(ge=1)] = 5
+    threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    multi_label: bool = False
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_present(cls, labels: list[str]) -> list[str]:
+        if not labels:
+            raise ValueError("empty_labels: at least one candidate label is required")
+        if any(not label.strip() for label in labels):
+            raise ValueError("empty_labels: labels must not be blank")
+        if len(set(labels)) != len(labels):
+            raise ValueError("labels must be unique")
+        return labels
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_have_slot(cls, templates: list[str] | str) -> list[str] | str:
+        if isinstance(templates, list):
+            if not templates:
+                raise ValueError("at least one template is required")
+            bad = [t for t in templates if t.count("{}") != 1]
+            if bad:
+                raise ValueError(f"each template needs exactly one '{{}}' slot: {bad[:3]}")
+        return templates
+
+
+class Job(_Frozen):
+    """One unit of work: one image or one text through one model."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    task: Task
+    model: Annotated[str, Field(min_length=1, max_length=512)]
+    image: Annotated[str, Field(min_length=1, max_length=2048)] | None = None
+    text: Annotated[str, Field(max_length=MAX_TEXT_CHARS)] | None = None
+    zero_shot: ZeroShotOptions | None = None
+    return_embedding: bool = True
+    etag: str | None = None
+    idempotency_key: Annotated[str, Field(max_length=256)] | None = None
+
+    @model_validator(mode="after")
+    def _inputs_match_task(self) -> Job:
+        if self.task is Task.TEXT_EMBEDDING:
+            if self.text is None or self.image is not None:
+                raise ValueError("a text_embedding job takes `text` and no `image`")
+            if not self.text.strip():
+                raise ValueError("empty_text: text must not be empty or blank")
+        else:
+            if self.image is None or self.text is not None:
+                raise ValueError(f"a {self.task} job takes `image` and no `text`")
+        if (self.task is Task.ZERO_SHOT) != (self.zero_shot is not None):
+            raise ValueError("`zero_shot` options are required for, and only for, zero_shot jobs")
+        return self
+
+    @property
+    def job_id(self) -> str:
+        """Stable id: a hash of the canonical JSON of everything that defines the result."""
+        canonical = json.dumps(
+            self.model_dump(mode="json", exclude={"return_embedding"}),
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+        return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+    @property
+    def source(self) -> str:
+        """What the job reads, for logs and output metadata."""
+        return self.image if self.image is not None else "text:" + (self.text or "")[:64]
+
+
+class JobMessage(_Frozen):
+    """What travels on the queue: one or more jobs for the same model.
+
+    Bulk producers pack several jobs into one message; the worker batches across messages
+    either way.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    jobs: Annotated[list[Job], Field(min_length=1, max_length=MAX_JOBS_PER_MESSAGE)]
+    run_id: Annotated[str, Field(max_length=128)] | None = None
+
+    @model_validator(mode="after")
+    def _one_model(self) -> JobMessage:
+        models = {job.model for job in self.jobs}
+        if len(models) != 1:
+            raise ValueError(f"a message carries jobs for one model, got {sorted(models)}")
+        return self

@@ -1,0 +1,76 @@
+"""Every Redis key and object-storage path dualstream uses, named in one place."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def model_slug(model: str) -> str:
+    """A short, filesystem- and queue-safe name for a model spec."""
+    readable = _UNSAFE.sub("-", model.rsplit("/", 2)[-1] if model.startswith("/") else model)
+    readable = readable.strip("-")[:48] or "model"
+    digest = hashlib.sha256(model.encode()).hexdigest()[:8]
+    return f"{readable}-{digest}"
+
+
+def queue_name(model: str) -> str:
+    """One Celery queue per model."""
+    return f"dualstream.{model_slug(model)}"
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    prefix: str = "ds"
+
+    def result(self, job_id: str) -> str:
+        return f"{self.prefix}:result:{job_id}"
+
+    def claim(self, job_id: str) -> str:
+        return f"{self.prefix}:claim:{job_id}"
+
+    def run_jobs(self, run_id: str) -> str:
+        """Set of job ids submitted under one bulk run."""
+        return f"{self.prefix}:run:{run_id}:jobs"
+
+    def run_info(self, run_id: str) -> str:
+        return f"{self.prefix}:run:{run_id}:info"
+
+    def deliveries(self, message_id: str) -> str:
+        return f"{self.prefix}:deliveries:{message_id}"
+
+    @property
+    def dead_letters(self) -> str:
+        return f"{self.prefix}:dlq"
+
+    def heartbeat(self, worker: str) -> str:
+        return f"{self.prefix}:heartbeat:{worker}"
+
+
+@dataclass(frozen=True)
+class ShardPaths:
+    """Layout of durable outputs under the output root.
+
+    <root>/<model-slug>/shards/<shard_id>.npy       float32 [rows, dim], L2-normalised
+    <root>/<model-slug>/shards/<shard_id>.parquet   row-aligned metadata
+    <root>/<model-slug>/shards/<shard_id>.json      manifest: written last; its presence commits
+                                                    the shard
+    """
+
+    model: str
+
+    @property
+    def directory(self) -> str:
+        return f"{model_slug(self.model)}/shards"
+
+    def embeddings(self, shard_id: str) -> str:
+        return f"{self.directory}/{shard_id}.npy"
+
+    def metadata(self, shard_id: str) -> str:
+        return f"{self.directory}/{shard_id}.parquet"
+
+    def manifest(self, shard_id: str) -> str:
+        return f"{self.directory}/{shard_id}.json"

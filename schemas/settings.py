@@ -1,0 +1,66 @@
+"""The one settings object, read from the environment (prefix `DUALSTREAM_`) at start-up.
+
+Nothing reads the environment at import time: entry points call `Settings()` and pass it on.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DUALSTREAM_", extra="ignore")
+
+    # Where work comes from and results go
+    redis_url: SecretStr = Field(
+        default=SecretStr("redis://127.0.0.1:6379/0"),
+        description="redis:// or rediss:// URL (AUTH in the URL); broker and result store",
+    )
+    output_uri: str = Field(
+        default="file://./dualstream-out",
+        description="s3://bucket/prefix or file:///dir: where embedding shards are written",
+    )
+    key_prefix: str = "ds"
+    result_ttl_s: int = 7 * 24 * 3600
+
+    # The model
+    model: str = Field(default="", description="model spec the worker serves (see README)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+
+    # Batching and concurrency
+    max_batch_items: int = Field(default=32, ge=1)
+    max_batch_wait_ms: int = Field(default=20, ge=0)
+    max_inflight_messages: int = Field(default=16, ge=1, description="unacknowledged messages")
+    fetch_threads: int = Field(default=16, ge=1)
+    preprocess_threads: int = Field(default=2, ge=1)
+
+    # Sources
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    allowed_buckets: list[str] = Field(
+        default_factory=list, description="buckets jobs may read; empty: any the credentials can"
+    )
+    local_root: str | None = Field(
+        default=None, description="local mode: file sources must lie under this directory"
+    )
+
+    # Limits on input
+    max_image_bytes: int = 50 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_image_side: int = 20_000
+
+    # Reliability
+    visibility_timeout_s: int = Field(default=300, ge=1)
+    claim_lease_s: int = Field(default=120, ge=1)
+    max_deliveries: int = Field(default=5, ge=1)
+    max_retries: int = Field(default=8, ge=0)
+    retry_backoff_s: float = 1.0
+    drain_timeout_s: float = 25.0
+
+    @property
+    def redis_dsn(self) -> str:
+        return self.redis_url.get_secret_value()

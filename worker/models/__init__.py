@@ -1,0 +1,1 @@
+"""The model layer: one `Encoder` protocol, one small class per model family."""
