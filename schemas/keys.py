@@ -6,6 +6,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
+TASK_NAME = "dualstream.process"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -54,17 +55,20 @@ class RedisKeys:
 class ShardPaths:
     """Layout of durable outputs under the output root.
 
-    <root>/<model-slug>/shards/<shard_id>.npy       float32 [rows, dim], L2-normalised
-    <root>/<model-slug>/shards/<shard_id>.parquet   row-aligned metadata
-    <root>/<model-slug>/shards/<shard_id>.json      manifest: written last; its presence commits
-                                                    the shard
+    <root>/<model-slug>/<modality>/<shard_id>.npy      float32 [rows, dim], L2-normalised
+    <root>/<model-slug>/<modality>/<shard_id>.parquet  row-aligned metadata
+    <root>/<model-slug>/<modality>/<shard_id>.json     manifest: written last; its presence
+                                                       commits the shard
+
+    `modality` is `image` or `text`, so each directory holds vectors of one kind.
     """
 
     model: str
+    modality: str
 
     @property
     def directory(self) -> str:
-        return f"{model_slug(self.model)}/shards"
+        return f"{model_slug(self.model)}/{self.modality}"
 
     def embeddings(self, shard_id: str) -> str:
         return f"{self.directory}/{shard_id}.npy"

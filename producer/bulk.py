@@ -1,0 +1,58 @@
+"""Bulk submission: every object under an S3 prefix (or every file under a local folder).
+
+Listing is paginated and lazy; jobs go out several per message; a re-run of the same listing
+skips the items that are already done, so an interrupted bulk run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from schemas.jobs import Job, Task, ZeroShotOptions
+from worker.storage import S3Location, iter_s3_keys, local_path
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
+
+
+@dataclass(frozen=True)
+class BulkRequest:
+    source: str  # s3://bucket/prefix, file:///dir or a directory path
+    model: str
+    zero_shot: ZeroShotOptions | None = None
+    suffixes: Sequence[str] = IMAGE_SUFFIXES
+    return_embedding: bool = False
+
+    @property
+    def run_id(self) -> str:
+        """The same request gives the same run, so re-running it resumes it."""
+        options = self.zero_shot.model_dump_json() if self.zero_shot else ""
+        key = f"{self.source}|{self.model}|{options}"
+        return "run-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def list_sources(source: str, suffixes: Sequence[str], s3: object | None = None) -> Iterator[str]:
+    wanted = tuple(s.lower() for s in suffixes)
+    if source.startswith("s3://"):
+        loc = S3Location.parse(source)
+        if s3 is None:
+            raise ValueError("an S3 client is needed to list s3:// sources")
+        for key in iter_s3_keys(s3, loc.bucket, loc.key):
+            if key.lower().endswith(wanted):
+                yield f"s3://{loc.bucket}/{key}"
+        return
+    root = local_path(source)
+    if not root.is_dir():
+        raise ValueError(f"{source} is neither s3://bucket/prefix nor a directory")
+    for path in sorted(Path(root).resolve().rglob("*")):
+        if path.is_file() and path.suffix.lower() in wanted:
+            yield str(path)
+
+
+def jobs_for(request: BulkRequest, sources: Iterator[str]) -> Iterator[Job]:
+    task = Task.ZERO_SHOT if request.zero_shot else Task.IMAGE_EMBEDDING
+    for source in sources:
+        yield Job(task=task, image=source, model=request.model, zero_shot=request.zero_shot,
+                  return_embedding=request.return_embedding)

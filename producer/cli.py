@@ -1,0 +1,224 @@
+"""Producer commands: submit, bulk, status, results, dlq, schema. No torch is imported here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from producer.bulk import BulkRequest, jobs_for, list_sources
+from producer.client import Client
+from schemas.jobs import Job, JobMessage, Task, ZeroShotOptions
+from schemas.keys import TASK_NAME, RedisKeys
+from schemas.results import JobResult, Status
+from schemas.settings import Settings
+
+
+def _client(model: str | None = None) -> Client:
+    settings = Settings()
+    if model:
+        settings = settings.model_copy(update={"model": model})
+    return Client(settings)
+
+
+def _zero_shot(labels: str | None, templates: str, top_k: int,
+               threshold: float | None, multi_label: bool) -> ZeroShotOptions | None:
+    if not labels:
+        return None
+    names = ("default", "openai_imagenet", "simple_imagenet")
+    chosen: list[str] | str = templates if templates in names else templates.split("|")
+    return ZeroShotOptions(labels=[x.strip() for x in labels.split(",")],  # type: ignore[arg-type]
+                           templates=chosen, top_k=top_k, threshold=threshold,
+                           multi_label=multi_label)
+
+
+zero_shot_options = [
+    click.option("--labels", help="comma-separated candidate labels (zero-shot)"),
+    click.option("--templates", default="default",
+                 help="'default', 'openai_imagenet', 'simple_imagenet' or templates joined by |"),
+    click.option("--top-k", default=5, show_default=True),
+    click.option("--threshold", type=float, default=None),
+    click.option("--multi-label", is_flag=True),
+]
+
+
+def with_zero_shot(func):  # type: ignore[no-untyped-def]
+    for option in reversed(zero_shot_options):
+        func = option(func)
+    return func
+
+
+@click.command()
+@click.option("--model", default=None, help="model spec (default: DUALSTREAM_MODEL)")
+@click.option("--image", default=None, help="s3://bucket/key, or a file in local mode")
+@click.option("--text", default=None)
+@with_zero_shot
+@click.option("--wait", type=float, default=None, help="wait this many seconds for the result")
+def submit(model: str | None, image: str | None, text: str | None, labels: str | None,
+           templates: str, top_k: int, threshold: float | None, multi_label: bool,
+           wait: float | None) -> None:
+    """Submit one image or text job; prints its job id (or its result with --wait)."""
+    client = _client(model)
+    options = _zero_shot(labels, templates, top_k, threshold, multi_label)
+    task = Task.TEXT_EMBEDDING if text is not None else (
+        Task.ZERO_SHOT if options else Task.IMAGE_EMBEDDING)
+    job = Job(task=task, model=client._model(model), image=image, text=text, zero_shot=options)
+    job_id = client.submit(job)
+    if wait is None:
+        click.echo(job_id)
+    else:
+        click.echo(client.result(job_id, timeout=wait).model_dump_json(indent=2))
+
+
+@click.command()
+@click.argument("source")
+@click.option("--model", default=None)
+@with_zero_shot
+@click.option("--suffix", "suffixes", multiple=True, help="only keys ending so (repeatable)")
+@click.option("--per-message", default=32, show_default=True, help="jobs per queue message")
+@click.option("--wait/--no-wait", default=False, help="wait for every job, with a progress bar")
+def bulk(source: str, model: str | None, labels: str | None, templates: str, top_k: int,
+         threshold: float | None, multi_label: bool, suffixes: tuple[str, ...],
+         per_message: int, wait: bool) -> None:
+    """Submit every image under s3://bucket/prefix or a local folder; resumable."""
+    client = _client(model)
+    request = BulkRequest(source=source, model=client._model(model),
+                          zero_shot=_zero_shot(labels, templates, top_k, threshold, multi_label),
+                          **({"suffixes": suffixes} if suffixes else {}))
+    s3 = None
+    if source.startswith("s3://"):
+        from worker.connections import s3_client
+
+        s3 = s3_client(client.settings)
+    jobs = tqdm(jobs_for(request, list_sources(source, request.suffixes, s3)),
+                desc="submitting", unit="job", file=sys.stderr)
+    ids = client.submit_many(jobs, per_message=per_message, run_id=request.run_id)
+    click.echo(f"run {request.run_id}: {len(ids)} jobs")
+    if wait:
+        _wait_with_progress(client, ids)
+
+
+def _wait_with_progress(client: Client, ids: list[str]) -> None:
+    import time
+
+    with tqdm(total=len(ids), desc="processing", unit="job", file=sys.stderr) as bar:
+        while True:
+            finished = sum(1 for s in client.results.statuses(ids)
+                           if s in (Status.DONE, Status.FAILED))
+            bar.update(finished - bar.n)
+            if finished >= len(ids):
+                return
+            time.sleep(0.25)
+
+
+def _job_ids(client: Client, ref: str) -> list[str]:
+    return client.run_job_ids(ref) if ref.startswith("run-") else [ref]
+
+
+@click.command()
+@click.argument("ref")
+def status(ref: str) -> None:
+    """Status of a job id, or counts per status for a run id."""
+    client = _client()
+    ids = _job_ids(client, ref)
+    statuses = client.results.statuses(ids)
+    if len(ids) == 1 and not ref.startswith("run-"):
+        click.echo(statuses[0].value if statuses[0] else "unknown")
+        return
+    counts: dict[str, int] = {}
+    for item in statuses:
+        counts[item.value if item else "unknown"] = counts.get(item.value if item else "unknown",
+                                                               0) + 1
+    click.echo(json.dumps({"run": ref, "jobs": len(ids), **counts}))
+
+
+@click.command()
+@click.argument("ref")
+@click.option("--embeddings/--no-embeddings", default=False)
+def results(ref: str, embeddings: bool) -> None:
+    """Results of a job or a run, as JSON lines."""
+    client = _client()
+    for result in client.results.get_many(_job_ids(client, ref)):
+        if result is not None:
+            click.echo(_result_line(result, embeddings))
+
+
+def _result_line(result: JobResult, embeddings: bool) -> str:
+    exclude = None if embeddings else {"embedding"}
+    return result.model_dump_json(exclude=exclude)
+
+
+@click.group()
+def dlq() -> None:
+    """Inspect and replay the dead-letter store."""
+
+
+def _dead_letters():  # type: ignore[no-untyped-def]
+    from worker.connections import redis_client
+    from worker.deadletters import DeadLetterStore
+
+    settings = Settings()
+    return DeadLetterStore(redis_client(settings), RedisKeys(settings.key_prefix))
+
+
+@dlq.command("list")
+def dlq_list() -> None:
+    from worker.deadletters import payload_preview
+
+    for letter in _dead_letters().list():
+        click.echo(f"{letter.id}  {letter.code}  deliveries={letter.deliveries}  "
+                   f"{letter.error[:80]}  {payload_preview(letter.payload, 80)}")
+
+
+@dlq.command("show")
+@click.argument("letter_id")
+def dlq_show(letter_id: str) -> None:
+    letter = _dead_letters().get(letter_id)
+    if letter is None:
+        raise click.ClickException(f"no dead letter {letter_id}")
+    click.echo(letter.model_dump_json(indent=2))
+
+
+@dlq.command("replay")
+@click.argument("letter_id")
+def dlq_replay(letter_id: str) -> None:
+    """Re-send a dead letter's payload to its queue, then remove it from the store."""
+    store = _dead_letters()
+    letter = store.get(letter_id)
+    if letter is None:
+        raise click.ClickException(f"no dead letter {letter_id}")
+    payload = letter.payload if "jobs" in (letter.payload or {}) else {"jobs": [letter.payload]}
+    message = JobMessage.model_validate(payload)
+    client = _client()
+    from schemas.keys import queue_name
+
+    client.app.send_task(TASK_NAME, args=[message.model_dump(mode="json")],
+                         queue=letter.queue or queue_name(message.jobs[0].model))
+    store.remove(letter_id)
+    click.echo(f"replayed {letter_id}: {len(message.jobs)} jobs")
+
+
+@dlq.command("purge")
+@click.confirmation_option(prompt="Delete every dead letter?")
+def dlq_purge() -> None:
+    click.echo(f"purged {_dead_letters().purge()}")
+
+
+@click.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None)
+def schema(out: Path | None) -> None:
+    """Export the JSON Schemas of jobs, messages and results."""
+    schemas = {"job": Job, "job_message": JobMessage, "job_result": JobResult}
+    if out is None:
+        click.echo(json.dumps({k: m.model_json_schema() for k, m in schemas.items()}, indent=2))
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    for name, model in schemas.items():
+        (out / f"{name}.schema.json").write_text(json.dumps(model.model_json_schema(), indent=2))
+    click.echo(f"wrote {len(schemas)} schemas to {out}")
+
+
+COMMANDS = [submit, bulk, status, results, dlq, schema]

@@ -1,0 +1,70 @@
+"""The `dualstream` command. Torch is imported only by the commands that run a model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from producer.cli import COMMANDS
+from schemas.keys import model_slug, queue_name
+from schemas.settings import Settings
+
+
+@click.group()
+def main() -> None:
+    """dualstream: embeddings and zero-shot labels for images and texts, from a queue."""
+
+
+for command in COMMANDS:
+    main.add_command(command)
+
+
+@main.command()
+@click.option("--model", default=None, help="model spec to serve (default: DUALSTREAM_MODEL)")
+@click.option("--concurrency", type=int, default=None, help="unacknowledged messages held")
+@click.option("--loglevel", default="INFO")
+def worker(model: str | None, concurrency: int | None, loglevel: str) -> None:
+    """Run a Celery worker for one model's queue (threads pool, late acknowledgement)."""
+    from worker.celery_app import create_app
+
+    settings = Settings()
+    overrides = {k: v for k, v in {"model": model, "max_inflight_messages": concurrency}.items()
+                 if v is not None}
+    settings = settings.model_copy(update=overrides)
+    if not settings.model:
+        raise click.UsageError("no model: pass --model or set DUALSTREAM_MODEL")
+    app = create_app(settings)
+    app.worker_main([
+        "worker", "--pool=threads", f"--concurrency={settings.max_inflight_messages}",
+        "-Q", queue_name(settings.model), "-n", f"dualstream-{model_slug(settings.model)}@%h",
+        f"--loglevel={loglevel}", "--without-gossip", "--without-mingle",
+    ])
+
+
+@main.command("tiny-model")
+@click.option("--family", type=click.Choice(["align", "openclip", "altclip"]), required=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+def tiny_model(family: str, out: Path) -> None:
+    """Build a tiny randomly initialised model of a family; prints the spec that loads it."""
+    from worker.models.tiny import build_tiny_model
+
+    click.echo(build_tiny_model(family, out))
+
+
+@main.command()
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("dualstream-demo"), show_default=True)
+@click.option("--model", default=None, help="a real model spec instead of the tiny model")
+@click.option("--labels", default="red,green,blue,yellow,black,white", show_default=True)
+@click.option("--images", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              default=None, help="a folder of your own images instead of the samples")
+def demo(workdir: Path, model: str | None, labels: str, images: Path | None) -> None:
+    """Run the whole system locally on a folder of images and print the labels."""
+    from worker.demo import run_demo
+
+    run_demo(workdir, model, [x.strip() for x in labels.split(",")], images)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Durable outputs: one shard per flushed batch and modality, committed by its manifest.
+
+A shard is three objects written in order: embeddings (`.npy`), row-aligned metadata
+(`.parquet`), then the manifest (`.json`). Readers take only shards that have a manifest. Each
+row is claimed in Redis before it is written, so a job redelivered after a crash, or run on two
+workers at once, ends up in exactly one committed shard.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas.errors import JobBusy
+from schemas.jobs import Job
+from schemas.keys import ShardPaths
+from schemas.results import LabelScore, OutputLocation
+from worker.results import ResultStore
+from worker.storage import OutputStore
+
+
+@dataclass(frozen=True)
+class OutputRow:
+    job: Job
+    embedding: np.ndarray
+    etag: str | None
+    labels: list[LabelScore] | None
+    text_truncated: bool
+
+
+@dataclass(frozen=True)
+class RowOutcome:
+    """Where a row ended up: written now, already written earlier, or held by another writer."""
+
+    location: OutputLocation | None = None
+    already_done: bool = False
+    busy: JobBusy | None = None
+
+
+def new_shard_id(worker: str) -> str:
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{worker}-{uuid.uuid4().hex[:8]}"
+
+
+def _metadata_table(rows: Sequence[OutputRow]) -> pa.Table:
+    return pa.table({
+        "row": pa.array(range(len(rows)), pa.int32()),
+        "job_id": [r.job.job_id for r in rows],
+        "source": [r.job.source for r in rows],
+        "etag": [r.etag for r in rows],
+        "task": [r.job.task.value for r in rows],
+        "model": [r.job.model for r in rows],
+        "labels": pa.array([[s.label for s in r.labels] if r.labels else [] for r in rows],
+                           pa.list_(pa.string())),
+        "scores": pa.array([[s.score for s in r.labels] if r.labels else [] for r in rows],
+                           pa.list_(pa.float32())),
+        "text_truncated": [r.text_truncated for r in rows],
+    })
+
+
+def _npy_bytes(rows: Sequence[OutputRow]) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.stack([r.embedding for r in rows]).astype(np.float32), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _parquet_bytes(rows: Sequence[OutputRow]) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(_metadata_table(rows), buffer)
+    return buffer.getvalue()
+
+
+class ShardWriter:
+    def __init__(self, store: OutputStore, results: ResultStore, *, worker: str,
+                 lease_s: float) -> None:
+        self._store = store
+        self._results = results
+        self._worker = worker
+        self._lease_s = lease_s
+
+    def write(self, rows: Sequence[OutputRow], modality: str) -> list[RowOutcome]:
+        """Claim, write and commit one shard; one outcome per row, in order."""
+        if not rows:
+            return []
+        model = rows[0].job.model
+        paths = ShardPaths(model, modality)
+        shard = new_shard_id(self._worker)
+        claims = self._results.claim([r.job.job_id for r in rows], shard, self._lease_s)
+        outcomes: list[RowOutcome | None] = [None] * len(rows)
+        for i, (row, claim) in enumerate(zip(rows, claims, strict=True)):
+            if claim.state == "done":
+                outcomes[i] = RowOutcome(already_done=True)
+            elif claim.state == "busy":
+                outcomes[i] = RowOutcome(busy=JobBusy(
+                    f"job {row.job.job_id} is being written by shard {claim.previous_shard}",
+                    retry_after_s=claim.retry_after_s))
+            elif claim.state == "taken" and claim.previous_shard:
+                outcomes[i] = self._recover(paths, claim.previous_shard, row.job.job_id)
+        pending = [i for i, outcome in enumerate(outcomes) if outcome is None]
+        for i, location in zip(pending, self._commit(paths, shard, [rows[i] for i in pending]),
+                               strict=True):
+            outcomes[i] = location
+        return [o if o is not None else RowOutcome() for o in outcomes]
+
+    def _recover(self, paths: ShardPaths, shard: str, job_id: str) -> RowOutcome | None:
+        """A dead writer's shard: if it was committed, its row stands and nothing is rewritten."""
+        raw = self._store.get(paths.manifest(shard))
+        if raw is None:
+            return None
+        jobs: list[str] = json.loads(raw)["jobs"]
+        if job_id not in jobs:
+            return None
+        return RowOutcome(location=OutputLocation(
+            shard=self._store.uri(paths.embeddings(shard)), row=jobs.index(job_id)))
+
+    def _commit(self, paths: ShardPaths, shard: str,
+                rows: Sequence[OutputRow]) -> list[RowOutcome]:
+        if not rows:
+            return []
+        self._store.put(paths.embeddings(shard), _npy_bytes(rows))
+        self._store.put(paths.metadata(shard), _parquet_bytes(rows))
+        held = self._results.still_held([r.job.job_id for r in rows], shard)
+        if not all(held):
+            # Our lease ran out and another writer took some rows: rewrite without them.
+            survivors = [r for r, ok in zip(rows, held, strict=True) if ok]
+            kept = iter(self._commit(paths, shard, survivors))
+            lost = RowOutcome(busy=JobBusy("claim lost to another writer", retry_after_s=1.0))
+            return [next(kept) if ok else lost for ok in held]
+        manifest = {
+            "shard": shard,
+            "model": rows[0].job.model,
+            "modality": paths.modality,
+            "rows": len(rows),
+            "dim": int(rows[0].embedding.shape[-1]),
+            "embeddings": paths.embeddings(shard).rsplit("/", 1)[-1],
+            "metadata": paths.metadata(shard).rsplit("/", 1)[-1],
+            "jobs": [r.job.job_id for r in rows],
+            "created_at": time.time(),
+        }
+        self._store.put(paths.manifest(shard), json.dumps(manifest).encode())
+        uri = self._store.uri(paths.embeddings(shard))
+        return [RowOutcome(location=OutputLocation(shard=uri, row=i)) for i in range(len(rows))]
