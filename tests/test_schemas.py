@@ -1,0 +1,89 @@
+"""The wire contract: validation at the edge, stable job ids, JSON Schema export."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from schemas.jobs import Job, JobMessage, Task, ZeroShotOptions
+from schemas.keys import model_slug, queue_name
+
+MODEL = "kakaobrain/align-base"
+
+
+def zero_shot_job(**overrides: object) -> Job:
+    fields: dict[str, object] = {"task": Task.ZERO_SHOT, "model": MODEL, "image": "s3://b/k.jpg",
+                                 "zero_shot": ZeroShotOptions(labels=["cat", "dog"])}
+    fields.update(overrides)
+    return Job(**fields)  # type: ignore[arg-type]
+
+
+def test_same_input_model_and_options_give_the_same_job_id() -> None:
+    assert zero_shot_job().job_id == zero_shot_job().job_id
+    assert zero_shot_job().job_id == Job.model_validate_json(zero_shot_job().model_dump_json()).job_id
+
+
+def test_any_change_of_input_model_or_options_changes_the_job_id() -> None:
+    base = zero_shot_job().job_id
+    assert zero_shot_job(image="s3://b/other.jpg").job_id != base
+    assert zero_shot_job(model="BAAI/AltCLIP").job_id != base
+    assert zero_shot_job(zero_shot=ZeroShotOptions(labels=["cat", "dog"], top_k=1)).job_id != base
+    assert zero_shot_job(etag="abc").job_id != base
+
+
+def test_return_embedding_does_not_change_the_job_id() -> None:
+    assert zero_shot_job(return_embedding=False).job_id == zero_shot_job().job_id
+
+
+@pytest.mark.parametrize("labels, fragment", [([], "empty_labels"), (["cat", " "], "empty_labels"),
+                                              (["a"] * 2, "unique"),
+                                              ([f"l{i}" for i in range(10_000)], "at most")])
+def test_bad_label_lists_are_rejected_with_a_reason(labels: list[str], fragment: str) -> None:
+    with pytest.raises(ValidationError, match=fragment):
+        ZeroShotOptions(labels=labels)
+
+
+def test_templates_need_exactly_one_slot() -> None:
+    with pytest.raises(ValidationError, match="slot"):
+        ZeroShotOptions(labels=["cat"], templates=["a photo"])
+
+
+@pytest.mark.parametrize("fields", [
+    {"task": "text_embedding", "text": "  "},
+    {"task": "text_embedding", "image": "s3://b/k"},
+    {"task": "image_embedding", "text": "hello"},
+    {"task": "zero_shot", "image": "s3://b/k"},
+    {"task": "image_embedding", "image": "s3://b/k", "unknown": 1},
+    {"task": "text_embedding", "text": "x" * 20_001},
+    {"task": "text_embedding", "text": "bad \udc80 surrogate"},
+    {"task": "nonsense", "image": "s3://b/k"},
+])
+def test_malformed_jobs_are_rejected(fields: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        Job.model_validate({"model": MODEL, **fields})
+
+
+def test_a_message_carries_jobs_for_one_model() -> None:
+    with pytest.raises(ValidationError, match="one model"):
+        JobMessage(jobs=[zero_shot_job(), zero_shot_job(model="BAAI/AltCLIP")])
+
+
+def test_queue_names_are_safe_and_distinct_per_model() -> None:
+    assert queue_name(MODEL) != queue_name("BAAI/AltCLIP")
+    assert all(c.isalnum() or c in ".-_" for c in queue_name("/tmp/some dir/model"))
+    assert model_slug("/a/b/tiny") != model_slug("/c/b/tiny")
+
+
+def test_schemas_and_producer_never_import_torch() -> None:
+    code = ("import sys, schemas.jobs, schemas.results, schemas.settings, producer.cli, "
+            "producer.client, producer.bulk; assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_json_schema_export_covers_jobs_and_results() -> None:
+    out = subprocess.run([sys.executable, "-m", "worker.cli", "schema"], check=True,
+                         capture_output=True, text=True).stdout
+    assert '"job_result"' in out and '"zero_shot"' in out
