@@ -221,4 +221,13 @@ def schema(out: Path | None) -> None:
     click.echo(f"wrote {len(schemas)} schemas to {out}")
 
 
-COMMANDS = [submit, bulk, status, results, dlq, schema]
+@click.command("queue-name")
+@click.option("--model", required=True)
+def queue_name_command(model: str) -> None:
+    """Print the queue (Redis list) that a model's jobs go to, e.g. for KEDA."""
+    from schemas.keys import queue_name
+
+    click.echo(queue_name(model))
+
+
+COMMANDS = [submit, bulk, status, results, dlq, schema, queue_name_command]
