@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     retry_backoff_s: float = 1.0
     drain_timeout_s: float = 25.0
 
+    # Health files for Kubernetes probes
+    health_dir: str = "/tmp/dualstream-health"
+    health_interval_s: float = Field(default=5.0, gt=0)
+    stall_timeout_s: float = Field(default=60.0, gt=0, description="liveness: max model stall")
+
     @property
     def redis_dsn(self) -> str:
         return self.redis_url.get_secret_value()

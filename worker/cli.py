@@ -66,5 +66,17 @@ def demo(workdir: Path, model: str | None, labels: str, images: Path | None) -> 
     run_demo(workdir, model, [x.strip() for x in labels.split(",")], images)
 
 
+@main.command()
+@click.argument("which", type=click.Choice(["live", "ready"]))
+@click.option("--max-age", type=float, default=30.0, show_default=True,
+              help="seconds since the worker last confirmed it")
+def health(which: str, max_age: float) -> None:
+    """Exit 0 if the worker is live (or ready): for Kubernetes exec probes."""
+    from worker.health import probe
+
+    if not probe(Path(Settings().health_dir), which, max_age):
+        raise SystemExit(1)
+
+
 if __name__ == "__main__":
     main()

@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -23,6 +24,7 @@ from schemas.results import ErrorInfo, JobResult, Status
 from schemas.settings import Settings
 from worker.connections import redis_client
 from worker.deadletters import DeadLetterStore
+from worker.health import HealthMonitor
 from worker.models.base import Encoder
 from worker.outputs import ShardWriter
 from worker.pipeline import Pipeline
@@ -60,6 +62,17 @@ class Runtime:
         writer = ShardWriter(output_store(settings), self.results, worker=worker_name(),
                              lease_s=settings.claim_lease_s)
         self.pipeline = Pipeline(settings, encoder, SourceReader(settings), writer, self.results)
+        self.health = HealthMonitor(
+            Path(settings.health_dir), interval_s=settings.health_interval_s,
+            stall_s=settings.stall_timeout_s, pipeline_ok=lambda: self.pipeline.healthy,
+            last_progress=lambda: self.pipeline.last_progress, broker_ok=self._redis_ok)
+        self.health.start()
+
+    def _redis_ok(self) -> bool:
+        try:
+            return bool(self.redis.ping())
+        except Exception:  # noqa: BLE001 - any failure means not ready
+            return False
 
     def handle(self, payload: Any, *, message_id: str, attempt: int,
                queue: str | None = None) -> Outcome:
@@ -149,6 +162,7 @@ class Runtime:
                               message_id=message_id, deliveries=deliveries, queue=queue)
 
     def close(self) -> None:
+        self.health.stop()
         self.pipeline.close(self.settings.drain_timeout_s)
 
 
@@ -163,3 +177,10 @@ def get_runtime(settings: Settings) -> Runtime:
         if key not in _runtimes:
             _runtimes[key] = Runtime(settings)
         return _runtimes[key]
+
+
+def close_runtime() -> None:
+    with _runtime_lock:
+        runtime = _runtimes.pop(os.getpid(), None)
+    if runtime is not None:
+        runtime.close()

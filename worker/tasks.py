@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import worker_ready, worker_shutting_down
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 from celery.utils.time import get_exponential_backoff_interval
 
 from schemas.keys import TASK_NAME
@@ -52,3 +52,11 @@ def _note_shutdown(**_: Any) -> None:
     import logging
 
     logging.getLogger(__name__).info("worker shutting down: draining held messages")
+
+
+@worker_shutdown.connect
+def _close_runtime(**_: Any) -> None:
+    """After the pool has stopped: flush the pipeline's stages and drop readiness."""
+    from worker.runtime import close_runtime
+
+    close_runtime()

@@ -1,0 +1,68 @@
+"""Liveness and readiness for Kubernetes probes, as files a probe can check cheaply.
+
+A monitor thread in the worker touches `<dir>/live` while the model stage keeps making progress
+(it goes stale when the loop is stuck) and keeps `<dir>/ready` present only while Redis answers
+and the pipeline is healthy. `dualstream health live|ready` is the probe command.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class HealthMonitor:
+    def __init__(self, directory: Path, *, interval_s: float, stall_s: float,
+                 pipeline_ok: Callable[[], bool], last_progress: Callable[[], float],
+                 broker_ok: Callable[[], bool]) -> None:
+        self._dir = directory
+        self._interval_s = interval_s
+        self._stall_s = stall_s
+        self._pipeline_ok = pipeline_ok
+        self._last_progress = last_progress
+        self._broker_ok = broker_ok
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ds-health", daemon=True)
+
+    def start(self) -> None:
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(self._interval_s + 1)
+        (self._dir / "ready").unlink(missing_ok=True)
+
+    def check_once(self) -> tuple[bool, bool]:
+        live = self._pipeline_ok() and time.monotonic() - self._last_progress() < self._stall_s
+        ready = live and self._broker_ok()
+        if live:
+            (self._dir / "live").touch()
+        ready_file = self._dir / "ready"
+        if ready:
+            ready_file.touch()
+        else:
+            ready_file.unlink(missing_ok=True)
+        return live, ready
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.check_once()
+            except Exception:  # the monitor must outlive any one failed check
+                log.exception("health check failed")
+            self._stop.wait(self._interval_s)
+
+
+def probe(directory: Path, which: str, max_age_s: float) -> bool:
+    """What a Kubernetes exec probe runs: is the file there and fresh enough?"""
+    path = directory / which
+    try:
+        return time.time() - path.stat().st_mtime < max_age_s
+    except FileNotFoundError:
+        return False
