@@ -135,3 +135,12 @@ def test_local_directory_output_is_the_same_layout(tmp_path: Any, results: Resul
     assert len(committed_rows(store)) == 2
     assert not list(tmp_path.rglob(".tmp-*"))
 
+
+
+def test_the_same_job_twice_in_one_batch_gets_one_row(store: S3OutputStore,
+                                                      results: ResultStore) -> None:
+    batch = rows(2)
+    outcomes = ShardWriter(store, results, worker="w", lease_s=30).write(
+        [batch[0], batch[1], batch[0]], "image")
+    assert outcomes[0].location == outcomes[2].location
+    assert sorted(committed_rows(store)) == sorted(r.job.job_id for r in batch)

@@ -125,7 +125,7 @@ def test_a_corrupt_image_fails_alone_and_its_batch_mates_complete(make_pipeline:
 
 def test_every_bad_image_gets_its_code_and_the_good_ones_complete(make_pipeline: Any,
                                                                   tmp_path: Path) -> None:
-    pipeline, settings = make_pipeline(max_batch_items=16, max_image_bytes=5_000_000)
+    pipeline, settings = make_pipeline(max_batch_items=16)
     corpus = bad_image_corpus()
     bad_paths = []
     for i, (name, data, _) in enumerate(corpus):

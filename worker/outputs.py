@@ -86,7 +86,18 @@ class ShardWriter:
         self._lease_s = lease_s
 
     def write(self, rows: Sequence[OutputRow], modality: str) -> list[RowOutcome]:
-        """Claim, write and commit one shard; one outcome per row, in order."""
+        """Claim, write and commit one shard; one outcome per row, in order.
+
+        The same job twice in one batch (two deliveries flushed together) gets one row.
+        """
+        first_of: dict[str, int] = {}
+        for i, row in enumerate(rows):
+            first_of.setdefault(row.job.job_id, i)
+        unique = [rows[i] for i in first_of.values()]
+        outcomes = dict(zip(first_of, self._write_unique(unique, modality), strict=True))
+        return [outcomes[row.job.job_id] for row in rows]
+
+    def _write_unique(self, rows: Sequence[OutputRow], modality: str) -> list[RowOutcome]:
         if not rows:
             return []
         model = rows[0].job.model
