@@ -10,12 +10,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+import redis
 
 from producer.bulk import BulkRequest, jobs_for, list_sources
 from producer.client import Client
 from schemas.errors import ErrorCode
 from schemas.jobs import Job, Task, ZeroShotOptions
-from schemas.keys import ShardPaths
+from schemas.keys import ShardPaths, queue_name
 from schemas.results import Status
 from schemas.settings import Settings
 from tests.fixtures.services import REPO, worker_env
@@ -100,6 +101,7 @@ def test_the_worker_batches_across_messages(start_worker: Any, settings: Setting
 
     sources = list_sources(request.source, request.suffixes, s3_client(settings))
     ids = client.submit_many(jobs_for(request, sources), per_message=1)  # 64 messages
+    assert redis.Redis.from_url(settings.redis_dsn).llen(queue_name(settings.model)) == 64
     run_worker(start_worker, settings, max_batch_items=16, max_batch_wait_ms=500,
                max_inflight_messages=32)
     assert all(r.status is Status.DONE for r in client.wait(ids, timeout=300))
@@ -118,7 +120,7 @@ def test_the_same_input_twice_gives_one_job_id_and_one_row(start_worker: Any,
     # Sent twice before any worker runs, so both messages are on the queue at once.
     first = client.submit(job)
     client.app.send_task("dualstream.process", args=[{"jobs": [job.model_dump(mode="json")]}],
-                         queue=__import__("schemas.keys").keys.queue_name(settings.model))
+                         queue=queue_name(settings.model))
     run_worker(start_worker, settings)
     assert client.result(first, timeout=120).status is Status.DONE
     second = client.submit(job)

@@ -49,15 +49,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 
 def create_app(settings: Settings | None = None) -> Celery:
-    """An app configured from `settings`, or from the environment on first use."""
+    """An app configured from `settings`, or from the environment when Celery first needs it."""
     celery_app = Celery("dualstream", set_as_current=False)
     celery_app.dualstream_settings = settings  # type: ignore[attr-defined]
-
-    @celery_app.on_configure.connect
-    def _configure(sender: Celery, **_: Any) -> None:
-        if sender.dualstream_settings is None:  # type: ignore[attr-defined]
-            sender.dualstream_settings = Settings()  # type: ignore[attr-defined]
-        sender.conf.update(celery_config(sender.dualstream_settings))  # type: ignore[attr-defined]
+    if settings is not None:
+        celery_app.conf.update(celery_config(settings))
+    else:
+        # weak=False: the receiver is a closure that would otherwise be collected at once.
+        celery_app.on_configure.connect(_configure_from_environment, weak=False)
 
     from worker.tasks import register
 
@@ -65,9 +64,13 @@ def create_app(settings: Settings | None = None) -> Celery:
     return celery_app
 
 
+def _configure_from_environment(sender: Celery, **_: Any) -> None:
+    sender.dualstream_settings = Settings()  # type: ignore[attr-defined]
+    sender.conf.update(celery_config(sender.dualstream_settings))  # type: ignore[attr-defined]
+
+
 def app_settings(celery_app: Celery) -> Settings:
-    celery_app.loader  # noqa: B018 - touching the loader runs on_configure
-    celery_app.conf.broker_url  # noqa: B018
+    celery_app.conf.broker_url  # noqa: B018 - reading the configuration runs on_configure
     settings: Settings = celery_app.dualstream_settings  # type: ignore[attr-defined]
     return settings
 
