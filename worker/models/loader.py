@@ -1,0 +1,93 @@
+"""`load_encoder(spec)`: the one way the rest of the system gets a model.
+
+The spec is parsed (see `spec.py`), then handed to its family's factory through an explicit
+mapping. Each factory imports its own library when called, so loading an ALIGN model never
+imports open_clip and vice versa. Whatever goes wrong while loading (a missing file, a config
+the library rejects) becomes a `ModelSpecError`: the job names a model we cannot serve, and
+retrying will not change that. Running out of GPU memory is not a spec problem and is re-raised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+from schemas.errors import ModelSpecError
+from worker.models.base import Encoder
+from worker.models.device import resolve_device, resolve_dtype
+from worker.models.spec import Family, ModelSpec, parse_spec
+
+ModelT = TypeVar("ModelT")
+
+Factory = Callable[[ModelSpec, torch.device, torch.dtype], Encoder]
+
+
+def _align(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> Encoder:
+    from worker.models.align import AlignEncoder
+
+    return AlignEncoder.load(spec, device, dtype)
+
+
+def _openclip(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> Encoder:
+    from worker.models.openclip import OpenClipEncoder
+
+    return OpenClipEncoder.load(spec, device, dtype)
+
+
+def _altclip(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> Encoder:
+    from worker.models.altclip import AltClipEncoder
+
+    return AltClipEncoder.load(spec, device, dtype)
+
+
+FACTORIES: dict[Family, Factory] = {
+    "align": _align,
+    "openclip": _openclip,
+    "altclip": _altclip,
+}
+
+
+def load_encoder(
+    spec: str, *, family: str | None = None, device: str = "auto", dtype: str = "fp32"
+) -> Encoder:
+    """Load the model `spec` names, on `device` (auto/cpu/cuda), forwarding in `dtype`."""
+    parsed = parse_spec(spec, family=family)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype)
+    try:
+        return FACTORIES[parsed.family](parsed, torch_device, torch_dtype)
+    except torch.OutOfMemoryError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelSpecError(
+            f"cannot load model {spec!r} as {parsed.family} from {parsed.source!r}: {exc}"
+        ) from exc
+
+
+def load_transformers_model(
+    model_class: type[ModelT], spec: ModelSpec, model_type: str, dtype: torch.dtype, **kwargs: Any
+) -> ModelT:
+    """`from_pretrained`, refusing what transformers would only log about.
+
+    transformers loads a checkpoint of another model type, or one with missing weights, with
+    a report on the log and the missing weights freshly random: a model that runs and returns
+    nonsense. Both are spec errors here.
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(spec.source)
+    if config.model_type != model_type:
+        raise ModelSpecError(
+            f"{spec.spec!r} is a {config.model_type!r} checkpoint, not {model_type!r}"
+        )
+    model, info = model_class.from_pretrained(  # type: ignore[attr-defined]
+        spec.source, config=config, dtype=dtype, output_loading_info=True, **kwargs
+    )
+    missing = sorted(info["missing_keys"]) + sorted(k[0] for k in info["mismatched_keys"])
+    if missing:
+        raise ModelSpecError(
+            f"{spec.spec!r} lacks weights for {len(missing)} tensors, e.g. {missing[:5]}"
+        )
+    return model
