@@ -1,0 +1,97 @@
+"""AltCLIP (`BAAI/AltCLIP`) through transformers' `AltCLIPModel` and `AltCLIPProcessor`.
+
+AltCLIP pairs a CLIP ViT-L/14 image tower with a bilingual (English and Chinese) XLM-R text
+tower, so Chinese labels and queries work unchanged.
+
+Preprocessing is the checkpoint's own `AltCLIPProcessor`, loaded with `AutoProcessor`:
+- images: `CLIPImageProcessor` (shortest side 224, bicubic, centre crop 224, OpenAI mean/std),
+  with transformers' default backend, torchvision: it is what `AutoProcessor` and
+  `pipeline("zero-shot-image-classification")` use by default (the PIL backend differs by up
+  to about one grey level). It is not interchangeable with open_clip's transform, which can
+  crop one pixel apart.
+- texts: the XLM-R SentencePiece tokenizer (cased) with the original code's
+  `padding=True, truncation=True, max_length=77`; the processor itself sets no defaults. The
+  zero-shot pipeline pads the same way, so its probabilities are directly comparable.
+
+Embeddings are `get_*_features(...).pooler_output` (projected, not normalised in transformers
+5.x), normalised here; logits are `logit_scale.exp() * cosine`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from transformers import AltCLIPModel, AltCLIPProcessor, AutoProcessor
+
+from worker.models.base import TokenizedTexts
+from worker.models.device import normalised_cpu
+from worker.models.loader import load_transformers_model
+from worker.models.spec import ModelSpec
+
+MAX_TEXT_TOKENS = 77
+
+
+class AltClipEncoder:
+    family = "altclip"
+    logit_bias: float | None = None
+
+    def __init__(
+        self,
+        model_id: str,
+        model: AltCLIPModel,
+        processor: AltCLIPProcessor,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.model_id = model_id
+        self.model = model.eval()
+        self.image_processor = processor.image_processor
+        self.tokenizer = processor.tokenizer
+        self.device = device
+        self.dtype = dtype
+        self.embed_dim = int(model.config.projection_dim)
+        self.logit_scale = float(model.logit_scale.detach().exp())
+        # The fast tokenizer's truncation/padding settings are shared, mutable state.
+        self._tokenizer_lock = threading.Lock()
+
+    @classmethod
+    def load(cls, spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> AltClipEncoder:
+        model = load_transformers_model(AltCLIPModel, spec, "altclip", dtype)
+        processor = AutoProcessor.from_pretrained(spec.source)
+        return cls(spec.spec, model.to(device), processor, device, dtype)
+
+    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"][0]
+
+    def tokenize(self, texts: Sequence[str]) -> TokenizedTexts:
+        batch = list(texts)
+        with self._tokenizer_lock:
+            lengths = [len(ids) for ids in self.tokenizer(batch, verbose=False)["input_ids"]]
+            encoded = self.tokenizer(
+                batch,
+                padding=True,
+                truncation=True,
+                max_length=MAX_TEXT_TOKENS,
+                return_tensors="pt",
+            )
+        return TokenizedTexts(
+            tensors=dict(encoded), truncated=[n > MAX_TEXT_TOKENS for n in lengths]
+        )
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            out = self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))
+        return normalised_cpu(out.pooler_output)
+
+    def encode_texts(self, texts: TokenizedTexts) -> torch.Tensor:
+        inputs = {name: t.to(self.device) for name, t in texts.tensors.items()}
+        with torch.inference_mode():
+            out = self.model.get_text_features(**inputs)
+        return normalised_cpu(out.pooler_output)
+
+    def logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        return self.logit_scale * image_embeds @ text_embeds.T
