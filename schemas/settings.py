@@ -44,6 +44,13 @@ class Settings(BaseSettings):
     allowed_buckets: list[str] = Field(
         default_factory=list, description="buckets jobs may read; empty: any the credentials can"
     )
+    allowed_http_hosts: list[str] = Field(
+        default_factory=list,
+        description="hosts (glob patterns) that http(s) sources may name; empty: no http sources",
+    )
+    http_allow_private_networks: bool = Field(
+        default=False, description="let allowed http hosts resolve to private addresses (on-prem)"
+    )
     local_root: str | None = Field(
         default=None, description="local mode: file sources must lie under this directory"
     )

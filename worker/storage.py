@@ -19,6 +19,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from schemas.errors import ErrorCode, SourceError, TransientError
 from schemas.settings import Settings
+from worker import http_source
 from worker.connections import s3_client
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
@@ -65,6 +66,9 @@ class SourceReader:
         self._settings = settings
         self._s3 = s3
         self._root = Path(settings.local_root).resolve() if settings.local_root else None
+        self._http = http_source.HttpPolicy(
+            tuple(settings.allowed_http_hosts), settings.max_image_bytes,
+            settings.http_allow_private_networks) if settings.allowed_http_hosts else None
 
     @property
     def s3(self) -> Any:
@@ -75,6 +79,9 @@ class SourceReader:
     def read(self, uri: str) -> Blob:
         if uri.startswith("s3://"):
             return self._read_s3(S3Location.parse(uri))
+        if uri.startswith(("http://", "https://")) and self._http is not None:
+            data, etag = http_source.fetch(uri, self._http)
+            return Blob(data, etag)
         if uri.startswith("file://") or (self._root is not None and "://" not in uri):
             return self._read_local(uri)
         raise SourceError(
