@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from producer.cli import COMMANDS
+from producer.event_cli import events
 from schemas.keys import model_slug, queue_name
 from schemas.settings import Settings
 
@@ -16,7 +17,7 @@ def main() -> None:
     """dualstream: embeddings and zero-shot labels for images and texts, from a queue."""
 
 
-for command in COMMANDS:
+for command in [*COMMANDS, events]:
     main.add_command(command)
 
 
