@@ -62,10 +62,10 @@ class AlignEncoder:
     @classmethod
     def load(cls, spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> AlignEncoder:
         model = load_transformers_model(
-            AlignModel, spec, "align", dtype, attn_implementation="eager"
+            AlignModel, spec, "align", device, dtype, attn_implementation="eager"
         )
         processor = AutoProcessor.from_pretrained(spec.source)
-        return cls(spec.spec, model.to(device), processor, device, dtype)
+        return cls(spec.spec, model, processor, device, dtype)
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         rgb = image if image.mode == "RGB" else image.convert("RGB")

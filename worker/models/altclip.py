@@ -59,9 +59,9 @@ class AltClipEncoder:
 
     @classmethod
     def load(cls, spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> AltClipEncoder:
-        model = load_transformers_model(AltCLIPModel, spec, "altclip", dtype)
+        model = load_transformers_model(AltCLIPModel, spec, "altclip", device, dtype)
         processor = AutoProcessor.from_pretrained(spec.source)
-        return cls(spec.spec, model.to(device), processor, device, dtype)
+        return cls(spec.spec, model, processor, device, dtype)
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         rgb = image if image.mode == "RGB" else image.convert("RGB")

@@ -67,9 +67,14 @@ def load_encoder(
 
 
 def load_transformers_model(
-    model_class: type[ModelT], spec: ModelSpec, model_type: str, dtype: torch.dtype, **kwargs: Any
+    model_class: type[ModelT],
+    spec: ModelSpec,
+    model_type: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    **kwargs: Any,
 ) -> ModelT:
-    """`from_pretrained`, refusing what transformers would only log about.
+    """`from_pretrained` onto `device`, refusing what transformers would only log about.
 
     transformers loads a checkpoint of another model type, or one with missing weights, with
     a report on the log and the missing weights freshly random: a model that runs and returns
@@ -90,4 +95,4 @@ def load_transformers_model(
         raise ModelSpecError(
             f"{spec.spec!r} lacks weights for {len(missing)} tensors, e.g. {missing[:5]}"
         )
-    return model
+    return model.to(device)

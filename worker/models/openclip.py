@@ -114,8 +114,11 @@ class OpenClipEncoder:
             self.tokenizer.cache = {t: t for t in special if t in cache}
 
 
-def _probe_embed_dim(model: torch.nn.Module, tokenizer: Callable[..., torch.Tensor],
-                     device: torch.device) -> int:
+def _probe_embed_dim(
+    model: open_clip.CLIP | open_clip.CustomTextCLIP,
+    tokenizer: Callable[..., torch.Tensor],
+    device: torch.device,
+) -> int:
     """Embedding width for a model whose config does not state it: one tiny text forward."""
     with torch.inference_mode():
         return int(model.encode_text(tokenizer(["a"]).to(device)).shape[-1])

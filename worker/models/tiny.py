@@ -32,15 +32,19 @@ import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from worker.models.spec import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, Family
+from worker.models.spec import HF_HUB_PREFIX, LOCAL_DIR_PREFIX
+
+if TYPE_CHECKING:
+    from transformers import AlignConfig, XLMRobertaTokenizer
 
 SEED = 1234
-REAL_IDS: dict[Family, str] = {
+REAL_IDS: dict[str, str] = {
     "align": "kakaobrain/align-base",
     "openclip": "laion/CLIP-ViT-B-16-laion2B-s34B-b88K",
     "altclip": "BAAI/AltCLIP",
@@ -91,7 +95,7 @@ def install_tiny_in_hf_cache(family: str, cache_dir: Path) -> str:
     """
     if family not in REAL_IDS:
         raise ValueError(f"unknown family {family!r}: use one of {', '.join(REAL_IDS)}")
-    repo_id = REAL_IDS[family]  # type: ignore[index]
+    repo_id = REAL_IDS[family]
     org, name = repo_id.split("/")
     repo_dir = Path(cache_dir) / f"models--{org}--{name}"
     revision = hashlib.sha1(f"dualstream-tiny-{family}".encode()).hexdigest()
@@ -109,7 +113,7 @@ def install_tiny_in_hf_cache(family: str, cache_dir: Path) -> str:
 
 
 def _build_align(out_dir: Path) -> None:
-    from transformers import AlignConfig, AlignModel, AlignProcessor, BertTokenizer
+    from transformers import AlignModel, AlignProcessor, BertTokenizer
     from transformers.image_utils import PILImageResampling
     from transformers.models.efficientnet import EfficientNetImageProcessor
 
@@ -126,7 +130,7 @@ def _build_align(out_dir: Path) -> None:
         do_normalize=False,
         include_top=False,
     )
-    model = AlignModel(_align_config(len(vocab), AlignConfig))
+    model = AlignModel(_align_config(len(vocab)))
     pixels = torch.stack(
         [image_processor(images=im, return_tensors="pt")["pixel_values"][0]
          for im in _calibration_images()]
@@ -136,7 +140,9 @@ def _build_align(out_dir: Path) -> None:
     AlignProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out_dir)
 
 
-def _align_config(vocab_size: int, config_class: type) -> object:
+def _align_config(vocab_size: int) -> AlignConfig:
+    from transformers import AlignConfig
+
     text = {
         "vocab_size": vocab_size, "hidden_size": 32, "num_hidden_layers": 2,
         "num_attention_heads": 4, "intermediate_size": 64, "max_position_embeddings": 64,
@@ -149,7 +155,7 @@ def _align_config(vocab_size: int, config_class: type) -> object:
         "strides": [1, 2, 2], "num_block_repeats": [1, 1, 1], "expand_ratios": [1, 4, 4],
         "hidden_dim": 64, "drop_connect_rate": 0.0,
     }
-    return config_class(
+    return AlignConfig(
         text_config=text, vision_config=vision, projection_dim=32, temperature_init_value=0.05
     )
 
@@ -239,7 +245,7 @@ def _build_altclip(out_dir: Path) -> None:
     AltCLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out_dir)
 
 
-def _xlm_roberta_tokenizer() -> object:
+def _xlm_roberta_tokenizer() -> XLMRobertaTokenizer:
     """Train a small SentencePiece unigram model and let transformers convert it, as for XLM-R."""
     import sentencepiece as spm
     from transformers import XLMRobertaTokenizer
