@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
+from pydantic import BaseModel
 from tqdm import tqdm
 
-from producer.bulk import BulkRequest, jobs_for, list_sources
+from producer.bulk import IMAGE_SUFFIXES, BulkRequest, jobs_for, list_sources
 from producer.client import Client
 from schemas.jobs import Job, JobMessage, Task, ZeroShotOptions
 from schemas.keys import TASK_NAME, RedisKeys
@@ -29,10 +31,10 @@ def _zero_shot(labels: str | None, templates: str, top_k: int,
     if not labels:
         return None
     names = ("default", "openai_imagenet", "simple_imagenet")
-    chosen: list[str] | str = templates if templates in names else templates.split("|")
-    return ZeroShotOptions(labels=[x.strip() for x in labels.split(",")],  # type: ignore[arg-type]
-                           templates=chosen, top_k=top_k, threshold=threshold,
-                           multi_label=multi_label)
+    chosen = templates if templates in names else templates.split("|")
+    return ZeroShotOptions.model_validate({
+        "labels": [x.strip() for x in labels.split(",")], "templates": chosen, "top_k": top_k,
+        "threshold": threshold, "multi_label": multi_label})
 
 
 zero_shot_options = [
@@ -45,7 +47,7 @@ zero_shot_options = [
 ]
 
 
-def with_zero_shot(func):  # type: ignore[no-untyped-def]
+def with_zero_shot(func: Any) -> Any:
     for option in reversed(zero_shot_options):
         func = option(func)
     return func
@@ -87,7 +89,7 @@ def bulk(source: str, model: str | None, labels: str | None, templates: str, top
     client = _client(model)
     request = BulkRequest(source=source, model=client._model(model),
                           zero_shot=_zero_shot(labels, templates, top_k, threshold, multi_label),
-                          **({"suffixes": suffixes} if suffixes else {}))
+                          suffixes=suffixes or IMAGE_SUFFIXES)
     s3 = None
     if source.startswith("s3://"):
         from worker.connections import s3_client
@@ -156,7 +158,7 @@ def dlq() -> None:
     """Inspect and replay the dead-letter store."""
 
 
-def _dead_letters():  # type: ignore[no-untyped-def]
+def _dead_letters() -> Any:
     from worker.connections import redis_client
     from worker.deadletters import DeadLetterStore
 
@@ -211,7 +213,8 @@ def dlq_purge() -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None)
 def schema(out: Path | None) -> None:
     """Export the JSON Schemas of jobs, messages and results."""
-    schemas = {"job": Job, "job_message": JobMessage, "job_result": JobResult}
+    schemas: dict[str, type[BaseModel]] = {"job": Job, "job_message": JobMessage,
+                                           "job_result": JobResult}
     if out is None:
         click.echo(json.dumps({k: m.model_json_schema() for k, m in schemas.items()}, indent=2))
         return

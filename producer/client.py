@@ -122,4 +122,5 @@ class Client:
             delay = min(delay * 1.5, 0.5)
 
     def run_job_ids(self, run_id: str) -> list[str]:
-        return sorted(raw.decode() for raw in self.redis.smembers(self.keys.run_jobs(run_id)))
+        members = self.redis.smembers(self.keys.run_jobs(run_id))
+        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)

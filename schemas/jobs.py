@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 DEFAULT_TEMPLATE = "This is a photo of {}."
 MAX_TEXT_CHARS = 20_000
 MAX_LABELS = 1_000

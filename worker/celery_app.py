@@ -51,7 +51,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 def create_app(settings: Settings | None = None) -> Celery:
     """An app configured from `settings`, or from the environment when Celery first needs it."""
     celery_app = Celery("dualstream", set_as_current=False)
-    celery_app.dualstream_settings = settings  # type: ignore[attr-defined]
+    celery_app.dualstream_settings = settings
     if settings is not None:
         celery_app.conf.update(celery_config(settings))
     else:
@@ -65,13 +65,13 @@ def create_app(settings: Settings | None = None) -> Celery:
 
 
 def _configure_from_environment(sender: Celery, **_: Any) -> None:
-    sender.dualstream_settings = Settings()  # type: ignore[attr-defined]
-    sender.conf.update(celery_config(sender.dualstream_settings))  # type: ignore[attr-defined]
+    sender.dualstream_settings = Settings()
+    sender.conf.update(celery_config(sender.dualstream_settings))
 
 
 def app_settings(celery_app: Celery) -> Settings:
     celery_app.conf.broker_url  # noqa: B018 - reading the configuration runs on_configure
-    settings: Settings = celery_app.dualstream_settings  # type: ignore[attr-defined]
+    settings: Settings = celery_app.dualstream_settings
     return settings
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import click
 from PIL import Image, ImageDraw
+from pydantic import SecretStr
 
 from producer.bulk import BulkRequest, jobs_for, list_sources
 from producer.client import Client
@@ -76,7 +77,9 @@ def run_demo(workdir: Path, model: str | None, labels: list[str], images: Path |
                "DUALSTREAM_OUTPUT_URI": (workdir / "out").as_uri()}
         if server is not None:
             env["DUALSTREAM_REDIS_URL"] = server.url
-        settings = Settings(_env_file=None, **_settings_from(env))  # type: ignore[call-arg]
+        env.setdefault("DUALSTREAM_REDIS_URL", Settings().redis_dsn)
+        settings = Settings(redis_url=SecretStr(env["DUALSTREAM_REDIS_URL"]), model=model,
+                            local_root=str(folder), output_uri=env["DUALSTREAM_OUTPUT_URI"])
         client = Client(settings)
         request = BulkRequest(source=str(folder), model=model,
                               zero_shot=ZeroShotOptions(labels=labels, top_k=3))
@@ -93,7 +96,3 @@ def run_demo(workdir: Path, model: str | None, labels: list[str], images: Path |
         click.echo(f"{len(results)} images in {elapsed:.1f} s; embeddings and metadata in "
                    f"{workdir / 'out'}")
 
-
-def _settings_from(env: dict[str, str]) -> dict[str, str]:
-    prefix = "DUALSTREAM_"
-    return {k[len(prefix):].lower(): v for k, v in env.items() if k.startswith(prefix)}

@@ -25,7 +25,7 @@ import torch
 
 from schemas.errors import DualstreamError, ErrorCode, PermanentError, TransientError
 from schemas.jobs import Job, Task
-from schemas.results import ErrorInfo, JobResult, LabelScore, Status, Timings
+from schemas.results import ErrorInfo, JobResult, LabelScore, OutputLocation, Status, Timings
 from schemas.settings import Settings
 from worker.decode import ImageLimits, decode_image
 from worker.models.base import Encoder
@@ -296,7 +296,8 @@ class Pipeline:
         for item, result in finished:
             item.future.set_result(result)
 
-    def _done_result(self, item: Item, row: OutputRow, location: object) -> JobResult:
+    def _done_result(self, item: Item, row: OutputRow,
+                     location: OutputLocation | None) -> JobResult:
         return JobResult(
             job_id=item.job.job_id, status=Status.DONE, task=item.job.task, model=item.job.model,
             source=item.job.source, labels=row.labels,
