@@ -154,3 +154,14 @@ def test_bad_sources_fail_alone_with_their_codes(start_worker: Any, settings: Se
                 "no_bucket": ErrorCode.SOURCE_NOT_FOUND, "http": ErrorCode.SOURCE_NOT_ALLOWED}
     for name, code in expected.items():
         assert results[name].error is not None and results[name].error.code is code, name
+
+
+def test_the_plain_celery_command_runs_the_same_worker(start_worker: Any, settings: Settings,
+                                                       s3: Any, bucket: str) -> None:
+    upload_images(s3, bucket, 2)
+    client = Client(settings)
+    ids = [client.embed_image(f"s3://{bucket}/photos/img00{i}.jpg") for i in range(2)]
+    celery = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+              "-Q", queue_name(settings.model), "--loglevel", "INFO"]
+    run_worker(start_worker, settings, argv=celery)
+    assert all(r.status is Status.DONE for r in client.wait(ids, timeout=120))
