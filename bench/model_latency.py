@@ -10,7 +10,9 @@ tokenizer (same preprocessing settings; token ids fit every vocabulary), so the 
 the worker's code.
 
 Timed: `encode_images` on preprocessed pixels, `encode_texts` on tokenized prompts (the
-forward passes), and `preprocess_image` per image. Median of `--repeats` runs after one warm-up.
+forward passes), and `preprocess_image` per image, `--repeats` runs after one warm-up. The table
+shows the best run (least disturbed by other processes on a shared machine); the JSON also has
+the median, and the 1-minute load average after each model, to judge how quiet the CPUs were.
 
     python -m bench.model_latency [--families align openclip altclip] [--sizes tiny full]
                                   [--repeats 3] [--json out.json]
@@ -137,7 +139,7 @@ _FULL: dict[str, Callable[[Any], Any]] = {
 def _measure(encoder: Any, family: str, size: str, build_s: float, repeats: int) -> dict:
     images = _images(max(BATCHES))
     prompts = [f"This is a photo of a {w}." for w in ("cat", "dog", "red car", "tree") * 4]
-    per_image = _median(partial(encoder.preprocess_image, images[0]), repeats + 2)
+    per_image, _ = _best_and_median(partial(encoder.preprocess_image, images[0]), repeats + 2)
     pixels = torch.stack([encoder.preprocess_image(im) for im in images])
     row: dict[str, Any] = {
         "family": family,
@@ -148,21 +150,24 @@ def _measure(encoder: Any, family: str, size: str, build_s: float, repeats: int)
     }
     for batch in BATCHES:
         tokens = encoder.tokenize(prompts[:batch])
-        image_s = _median(partial(encoder.encode_images, pixels[:batch]), repeats)
-        text_s = _median(partial(encoder.encode_texts, tokens), repeats)
-        row[f"image_b{batch}_ms"] = round(image_s * 1e3, 1)
-        row[f"text_b{batch}_ms"] = round(text_s * 1e3, 1)
+        for kind, call in (
+            ("image", partial(encoder.encode_images, pixels[:batch])),
+            ("text", partial(encoder.encode_texts, tokens)),
+        ):
+            best, median = _best_and_median(call, repeats)
+            row[f"{kind}_b{batch}_ms"] = round(best * 1e3, 1)
+            row[f"{kind}_b{batch}_median_ms"] = round(median * 1e3, 1)
     return row
 
 
-def _median(call: Callable[[], object], repeats: int) -> float:
+def _best_and_median(call: Callable[[], object], repeats: int) -> tuple[float, float]:
     call()  # warm-up
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
         call()
         times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return min(times), statistics.median(times)
 
 
 def _module(encoder: Any) -> torch.nn.Module:

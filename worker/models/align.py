@@ -10,8 +10,8 @@ Preprocessing is the checkpoint's own `AlignProcessor`, loaded with `AutoProcess
 - texts: the processor's own text defaults, `padding="max_length", max_length=64`, plus
   `truncation=True` (without it one text over 64 tokens makes the whole batch raise). Fixed
   padding also makes a text's embedding independent of its batch-mates. The pipeline pads to
-  the longest prompt instead; that changes probabilities by about 1e-5, and the processor's
-  padding is our reference.
+  the longest prompt instead; on the real checkpoint that changes probabilities by about 1e-5
+  (about 1e-8 on the tiny test model), and the processor's padding is our reference.
 
 Embeddings: image = EfficientNet global mean (no projection), text = BERT [CLS] through
 `text_projection`; both come from `get_*_features(...).pooler_output` (transformers 5.x returns
