@@ -13,8 +13,10 @@ Random models have failure modes real ones do not, and a parity test would pass 
   point; we calibrate BatchNorm on varied images first (cumulative statistics, not momentum,
   because some of ALIGN's BatchNorm layers use PyTorch's default momentum of 0.1).
 - transformers' default text init range (0.02) maps every label of a tiny ALIGN or AltCLIP
-  model to nearly one embedding; their text towers here use a wider init. Tests check that
-  images and labels stay apart.
+  model to nearly one embedding; their text towers here use a wider init.
+- a tiny open_clip ViT pools a class token that barely sees the image (mean pairwise cosine
+  0.86-0.94 across seeds); its attention value/output projections are scaled up.
+Tests check that images and labels stay apart.
 
 Tokenizers are built offline: a BERT WordPiece vocabulary written here (every letter is a
 token, so nothing English is unknown), a SentencePiece unigram model trained here on a small
@@ -205,6 +207,7 @@ def _build_openclip(out_dir: Path) -> None:
         },
     }
     model = open_clip.CLIP(**model_cfg)
+    _widen_attention_values(model.visual, factor=3.0)
     state = {name: t.contiguous() for name, t in model.state_dict().items()}
     save_file(state, out_dir / "open_clip_model.safetensors")
     # As in laion/CLIP-ViT-B-16-laion2B-s34B-b88K's open_clip_config.json.
@@ -213,6 +216,17 @@ def _build_openclip(out_dir: Path) -> None:
         "preprocess_cfg": {"mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)},
     }
     (out_dir / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+
+
+def _widen_attention_values(tower: torch.nn.Module, factor: float) -> None:
+    """Scale attention's value and output projections, so more of each patch reaches the class
+    token (with open_clip's default init the pooled class token barely depends on the image)."""
+    attentions = [m for m in tower.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    with torch.no_grad():
+        for attention in attentions:
+            width = attention.embed_dim
+            attention.in_proj_weight[2 * width :].mul_(factor)
+            attention.out_proj.weight.mul_(factor)
 
 
 # --- AltCLIP -----------------------------------------------------------------------------
