@@ -23,6 +23,16 @@ class Settings(BaseSettings):
         default="file://./dualstream-out",
         description="s3://bucket/prefix or file:///dir: where embedding shards are written",
     )
+    redis_tls_ca_file: str | None = Field(
+        default=None, description="rediss://: CA bundle that signs the server's certificate "
+        "(default: the system's CAs); the certificate and host name are always verified",
+    )
+    redis_tls_cert_file: str | None = Field(
+        default=None, description="rediss://: client certificate, for servers that require one"
+    )
+    redis_tls_key_file: str | None = Field(
+        default=None, description="rediss://: the client certificate's private key"
+    )
     key_prefix: str = "ds"
     result_ttl_s: int = 7 * 24 * 3600
 

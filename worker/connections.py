@@ -2,10 +2,16 @@
 
 Both clients retry transient faults themselves with jittered exponential backoff: redis-py's
 `Retry` and botocore's adaptive retry mode are well-kept implementations of exactly that.
+
+`rediss://` URLs always verify the server's certificate and host name, against
+`redis_tls_ca_file` when it is set (a private CA) or the system's CAs otherwise; a client
+certificate is sent when `redis_tls_cert_file` and `redis_tls_key_file` are set. The same
+options reach Celery's broker connection through `broker_ssl_options`.
 """
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 import boto3
@@ -20,15 +26,32 @@ REDIS_RETRIES = 6
 S3_MAX_ATTEMPTS = 8
 
 
-def redis_client(settings: Settings) -> redis.Redis:
+def broker_ssl_options(settings: Settings) -> dict[str, Any] | None:
+    """TLS options for a `rediss://` URL, in the form both redis-py and kombu take."""
+    if not settings.redis_dsn.startswith("rediss://"):
+        return None
+    options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    if settings.redis_tls_ca_file:
+        options["ssl_ca_certs"] = settings.redis_tls_ca_file
+    if settings.redis_tls_cert_file:
+        options["ssl_certfile"] = settings.redis_tls_cert_file
+    if settings.redis_tls_key_file:
+        options["ssl_keyfile"] = settings.redis_tls_key_file
+    return options
+
+
+def redis_client(settings: Settings, *, retries: int = REDIS_RETRIES,
+                 timeout_s: float = 30) -> redis.Redis:
+    """A client that retries dropped connections and timeouts `retries` times, with jitter."""
     return redis.Redis.from_url(
         settings.redis_dsn,
         decode_responses=False,
         health_check_interval=15,
-        socket_connect_timeout=5,
-        socket_timeout=30,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), REDIS_RETRIES),
+        socket_connect_timeout=min(5, timeout_s),
+        socket_timeout=timeout_s,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), retries),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        **(broker_ssl_options(settings) or {}),
     )
 
 
