@@ -1,8 +1,9 @@
 """Liveness and readiness for Kubernetes probes, as files a probe can check cheaply.
 
 A monitor thread in the worker touches `<dir>/live` while the model stage keeps making progress
-(it goes stale when the loop is stuck) and keeps `<dir>/ready` present only while Redis answers
-and the pipeline is healthy. `dualstream health live|ready` is the probe command.
+(it goes stale when the loop is stuck) and keeps `<dir>/ready` present only while Redis answers,
+the pipeline is healthy and the worker is not draining after SIGTERM. `dualstream health
+live|ready` is the probe command.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class HealthMonitor:
         self._last_progress = last_progress
         self._broker_ok = broker_ok
         self._stop = threading.Event()
+        self._draining = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ds-health", daemon=True)
 
     def start(self) -> None:
@@ -38,13 +40,18 @@ class HealthMonitor:
         self._thread.join(self._interval_s + 1)
         (self._dir / "ready").unlink(missing_ok=True)
 
+    def drain(self) -> None:
+        """The worker takes no more work: not ready from now on."""
+        self._draining.set()
+        (self._dir / "ready").unlink(missing_ok=True)
+
     def check_once(self) -> tuple[bool, bool]:
         live = self._pipeline_ok() and time.monotonic() - self._last_progress() < self._stall_s
-        ready = live and self._broker_ok()
+        ready = live and not self._draining.is_set() and self._broker_ok()
         if live:
             (self._dir / "live").touch()
         ready_file = self._dir / "ready"
-        if ready:
+        if ready and not self._draining.is_set():
             ready_file.touch()
         else:
             ready_file.unlink(missing_ok=True)
