@@ -4,26 +4,51 @@
 configures the app (not at import); `dualstream worker` builds the app from explicit settings.
 The threads pool is the default: the model lives once per process, tasks hand their jobs to the
 batching pipeline and wait, and nothing forks after CUDA is initialised.
+
+Why each reliability setting has its value is written down in docs/reliability.md.
 """
 
 from __future__ import annotations
 
-import ssl
 from typing import Any
 
 from celery import Celery
 
 from schemas.keys import queue_name
 from schemas.settings import Settings
+from worker.connections import broker_ssl_options
+
+BROKER_SOCKET_TIMEOUT_S = 30
+BROKER_CONNECT_TIMEOUT_S = 5
+
+
+def restore_interval_s(visibility_timeout_s: int) -> int:
+    """How often a worker looks for messages whose visibility timeout has passed: a tenth of
+    the timeout, between 1 and 10 seconds, so a dead worker's messages come back soon after."""
+    return max(1, min(10, visibility_timeout_s // 10))
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
+    visibility_timeout = settings.visibility_timeout_s
     config: dict[str, Any] = {
         "broker_url": settings.redis_dsn,
         "broker_connection_retry_on_startup": True,
+        "broker_connection_retry": True,
+        # A Redis restart is waited out, however long it takes, instead of ending the worker.
+        "broker_connection_max_retries": None,
         "broker_transport_options": {
-            # An unacknowledged message comes back after this long if its worker died.
-            "visibility_timeout": settings.visibility_timeout_s,
+            # An unacknowledged message comes back after this long if its worker died. Kombu's
+            # default is an hour; ours is the settings' (300 s), and a worker holds a message
+            # for at most 80 % of it (runtime.HOLD_FRACTION), so a live one is never restored.
+            "visibility_timeout": visibility_timeout,
+            # Kombu sweeps for such messages every interval × throttle seconds (100 s by
+            # default); sweep every `restore_interval_s` instead.
+            "unacked_restore_interval": restore_interval_s(visibility_timeout),
+            "unacked_restore_throttle": 1,
+            # A broker that vanishes without closing the connection is noticed.
+            "socket_timeout": BROKER_SOCKET_TIMEOUT_S,
+            "socket_connect_timeout": BROKER_CONNECT_TIMEOUT_S,
+            "socket_keepalive": True,
         },
         "task_serializer": "json",
         "accept_content": ["json"],
@@ -35,16 +60,18 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "worker_pool": "threads",
         "worker_concurrency": settings.max_inflight_messages,
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
-        # SIGTERM: stop consuming, give held work `drain_timeout_s`, then requeue the rest.
-        "worker_soft_shutdown_timeout": settings.drain_timeout_s,
-        "worker_enable_soft_shutdown_on_idle": True,
+        # Threads cannot be cancelled; a task whose connection dropped finishes its (idempotent)
+        # work, and its message comes back after the visibility timeout if the ack was lost.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        # Messages that never reach the task (not JSON, pickle, unknown task) are dead-lettered.
+        "worker_consumer": "worker.tasks:Consumer",
         "worker_hijack_root_logger": False,
     }
     if settings.model:
         config["task_default_queue"] = queue_name(settings.model)
-    if settings.redis_dsn.startswith("rediss://"):
-        config["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    ssl_options = broker_ssl_options(settings)
+    if ssl_options is not None:
+        config["broker_use_ssl"] = ssl_options
     return config
 
 

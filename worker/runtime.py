@@ -1,7 +1,17 @@
 """Everything one worker process holds: clients, the model, the pipeline; built once, lazily.
 
-`handle` turns one queue message into pipeline work and decides its fate: done, retry later,
-or dead-lettered.
+`handle` turns one queue message into pipeline work and decides its fate: done (ack), retry
+later, requeue now, split, or dead-lettered. The rules, and the tests that prove them, are in
+docs/reliability.md:
+
+- A message is held at most `HOLD_FRACTION` of the visibility timeout; past that it is retried,
+  so a message is never restored to the queue while its worker still works on it.
+- A message that an earlier, unfinished delivery left a record for (its worker died) runs alone
+  in this process (`SuspectGate`), so a message that kills its worker takes no innocent
+  message's delivery count with it. After `max_deliveries` such starts it is quarantined; a
+  message of several jobs is first split into single-job messages, so only the culprit is.
+- After SIGTERM (`begin_drain`) no message starts; held ones get until the drain deadline to
+  finish and are requeued otherwise.
 """
 
 from __future__ import annotations
@@ -11,6 +21,9 @@ import logging
 import os
 import socket
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +36,7 @@ from schemas.keys import RedisKeys
 from schemas.results import ErrorInfo, JobResult, Status
 from schemas.settings import Settings
 from worker.connections import redis_client
-from worker.deadletters import DeadLetterStore
+from worker.deadletters import DeadLetterStore, Delivery
 from worker.health import HealthMonitor
 from worker.models.base import Encoder
 from worker.outputs import ShardWriter
@@ -33,6 +46,20 @@ from worker.storage import SourceReader, output_store
 
 log = logging.getLogger(__name__)
 
+# A message is held (unacknowledged) for at most this share of the visibility timeout, and may
+# wait for the suspect gate for at most `GATE_FRACTION` of it.
+HOLD_FRACTION = 0.7
+GATE_FRACTION = 0.35
+# SIGTERM → exit within `drain_timeout_s` (the grace period): held messages are settled (done
+# or requeued) by grace − reserve, the pipeline is closed by grace − TEARDOWN_S, and the
+# interpreter's own exit (about 2 s with torch loaded) takes the rest.
+DRAIN_RESERVE_SHARE = 0.25
+DRAIN_RESERVE_MIN_S, DRAIN_RESERVE_MAX_S = 3.0, 8.0
+TEARDOWN_S = 2.0
+# Pipeline.close may overrun its timeout by up to a second per stage thread it joins.
+PIPELINE_CLOSE_OVERRUN_S = 2.0
+_WAIT_SLICE_S = 0.25
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -41,10 +68,86 @@ class Outcome:
     retry: TransientError | None = None
     retry_after_s: float | None = None
     dead_lettered: bool = False
+    requeue: str | None = None  # why the message goes back on the queue as it is
+    resend: tuple[dict[str, Any], ...] = ()  # publish these, then ack (a split poison message)
 
 
 def worker_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class SuspectGate:
+    """Ordinary messages share the pipeline; a suspect message runs alone.
+
+    A suspect is a message whose earlier delivery never finished. While it runs, no other
+    message of this process starts (and those running have finished), so if it kills the
+    process again, only its own delivery count goes up. Waiting suspects go first.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._suspects_waiting = 0
+
+    @contextmanager
+    def enter(self, *, exclusive: bool, timeout: float) -> Iterator[bool]:
+        """Yields whether the gate was entered within `timeout` seconds."""
+        entered = self._acquire(exclusive, timeout)
+        try:
+            yield entered
+        finally:
+            if entered:
+                self._release(exclusive)
+
+    def _acquire(self, exclusive: bool, timeout: float) -> bool:
+        with self._cond:
+            if exclusive:
+                self._suspects_waiting += 1
+                try:
+                    if not self._cond.wait_for(
+                            lambda: not self._exclusive and self._shared == 0, timeout):
+                        return False
+                finally:
+                    self._suspects_waiting -= 1
+                self._exclusive = True
+                return True
+            if not self._cond.wait_for(
+                    lambda: not self._exclusive and self._suspects_waiting == 0, timeout):
+                return False
+            self._shared += 1
+            return True
+
+    def _release(self, exclusive: bool) -> None:
+        with self._cond:
+            if exclusive:
+                self._exclusive = False
+            else:
+                self._shared -= 1
+            self._cond.notify_all()
+
+
+_CODE_MARKERS = {"empty_text:": ErrorCode.EMPTY_TEXT, "empty_labels:": ErrorCode.EMPTY_LABELS}
+
+
+def validation_code(exc: ValidationError) -> ErrorCode:
+    """The most specific stable code for a job that does not validate."""
+    for error in exc.errors(include_url=False):
+        for marker, code in _CODE_MARKERS.items():
+            if marker in error["msg"]:
+                return code
+        loc = error["loc"]
+        if loc[-1:] == ("labels",) and error["type"] == "too_long":
+            return ErrorCode.TOO_MANY_LABELS
+        if "text" in loc:
+            return ErrorCode.INVALID_TEXT
+    return ErrorCode.INVALID_JOB
+
+
+def validation_message(exc: ValidationError) -> str:
+    parts = [f"{'.'.join(str(p) for p in e['loc']) or 'job'}: {e['msg']}"
+             for e in exc.errors(include_url=False)]
+    return "; ".join(parts)[:2000]
 
 
 class Runtime:
@@ -56,12 +159,18 @@ class Runtime:
         self.settings = settings
         self.encoder = encoder
         self.redis = redis_client(settings)
+        # Probes get a client that answers at once rather than after the retries.
+        self._probe_redis = redis_client(settings, retries=0, timeout_s=2.0)
         keys = RedisKeys(settings.key_prefix)
         self.results = ResultStore(self.redis, keys, settings.result_ttl_s)
         self.dead_letters = DeadLetterStore(self.redis, keys)
         writer = ShardWriter(output_store(settings), self.results, worker=worker_name(),
                              lease_s=settings.claim_lease_s)
         self.pipeline = Pipeline(settings, encoder, SourceReader(settings), writer, self.results)
+        self._gate = SuspectGate()
+        self._draining = threading.Event()
+        self._drain_deadline = float("inf")
+        self._close_by = float("inf")
         self.health = HealthMonitor(
             Path(settings.health_dir), interval_s=settings.health_interval_s,
             stall_s=settings.stall_timeout_s, pipeline_ok=lambda: self.pipeline.healthy,
@@ -70,29 +179,74 @@ class Runtime:
 
     def _redis_ok(self) -> bool:
         try:
-            return bool(self.redis.ping())
+            return bool(self._probe_redis.ping())
         except Exception:  # noqa: BLE001 - any failure means not ready
             return False
 
+    # One message ---------------------------------------------------------------------------
     def handle(self, payload: Any, *, message_id: str, attempt: int,
                queue: str | None = None) -> Outcome:
-        deliveries = self.dead_letters.count_delivery(message_id)
+        received = time.monotonic()
+        vt = self.settings.visibility_timeout_s
+        if self._draining.is_set():
+            return Outcome(requeue="the worker is draining")
+        previous = self.dead_letters.previous_delivery(message_id)
+        if previous is not None:
+            log.warning("message %s was being processed when a worker was lost (%d unfinished "
+                        "starts); running it alone", message_id, previous.count)
+        with self._gate.enter(exclusive=previous is not None,
+                              timeout=vt * GATE_FRACTION) as entered:
+            if not entered:
+                return Outcome(requeue="a message that was in flight when a worker died runs "
+                                       "alone here, and that took too long")
+            if self._draining.is_set():
+                return Outcome(requeue="the worker is draining")
+            return self._handle_alone_or_shared(payload, message_id, attempt, queue, previous,
+                                                received + vt * HOLD_FRACTION)
+
+    def _handle_alone_or_shared(self, payload: Any, message_id: str, attempt: int,
+                                queue: str | None, previous: Delivery | None,
+                                deadline: float) -> Outcome:
+        deliveries = self.dead_letters.count_delivery(message_id, worker_name())
         if deliveries > self.settings.max_deliveries:
-            self._quarantine(payload, message_id, deliveries, queue)
-            return Outcome(dead_lettered=True)
+            return self._quarantine(payload, message_id,
+                                    previous or Delivery(count=deliveries - 1), queue)
         jobs = self._valid_jobs(payload, message_id, deliveries, queue)
-        outcome = self._run(jobs, attempt) if jobs else Outcome()
-        self.dead_letters.end_delivery(message_id)
+        try:
+            outcome = self._run(jobs, attempt, deadline) if jobs else Outcome()
+        except TransientError as exc:  # the pipeline refused the work: not this message's fault
+            outcome = Outcome(retry=exc)
+        except Exception as exc:
+            # Leave the delivery record standing, with the error: an error that recurs on
+            # every delivery quarantines the message like a crash would.
+            self._note_error(message_id, exc)
+            raise
         if outcome.retry is not None and attempt > self.settings.max_retries:
             self._give_up(jobs, outcome.retry, payload, message_id, deliveries, queue)
-            return Outcome(dead_lettered=True)
+            outcome = Outcome(dead_lettered=True)
+        self.dead_letters.end_delivery(message_id)
         return outcome
 
-    def _run(self, jobs: list[Job], attempt: int) -> Outcome:
-        futures = self.pipeline.submit(jobs, attempts=attempt)
-        done, pending = concurrent.futures.wait(
-            futures, timeout=self.settings.visibility_timeout_s * 0.8)
+    def _note_error(self, message_id: str, exc: BaseException) -> None:
+        try:
+            self.dead_letters.note_error(message_id, f"{type(exc).__name__}: {exc}")
+        except Exception:  # Redis may be the reason we are here
+            log.warning("could not record the error of message %s", message_id, exc_info=True)
+
+    def _run(self, jobs: list[Job], attempt: int, deadline: float) -> Outcome:
+        pending = set(self.pipeline.submit(jobs, attempts=attempt))
+        done: set[concurrent.futures.Future[JobResult]] = set()
+        while pending:
+            limit = min(deadline, self._drain_deadline)
+            if time.monotonic() >= limit:
+                break
+            finished, pending = concurrent.futures.wait(
+                pending, timeout=min(limit - time.monotonic(), _WAIT_SLICE_S))
+            done |= finished
         if pending:
+            if self._draining.is_set():
+                return Outcome(requeue=f"the drain deadline came with {len(pending)} jobs "
+                                       "unfinished")
             return Outcome(retry=TransientError("the pipeline did not finish the message in time",
                                                 code=ErrorCode.INTERNAL))
         errors = [f.exception() for f in done if f.exception() is not None]
@@ -104,21 +258,23 @@ class Runtime:
         return Outcome(retry=retry, retry_after_s=max(b.retry_after_s for b in busy) if busy
                        else None)
 
+    # Validation ----------------------------------------------------------------------------
     def _valid_jobs(self, payload: Any, message_id: str, deliveries: int,
                     queue: str | None) -> list[Job]:
         """Parse the message job by job, so one malformed job does not sink its neighbours."""
         raw_jobs = payload.get("jobs") if isinstance(payload, dict) else None
         if not isinstance(raw_jobs, list) or not raw_jobs:
-            self._reject(payload, "a message is an object with a non-empty `jobs` list",
-                         message_id, deliveries, queue)
+            self._reject(payload, ErrorCode.INVALID_JOB,
+                         "a message is an object with a non-empty `jobs` list", message_id,
+                         deliveries, queue, index=None)
             return []
         jobs: list[Job] = []
-        for raw in raw_jobs:
+        for index, raw in enumerate(raw_jobs):
             try:
                 job = JobMessage.model_validate({**payload, "jobs": [raw]}).jobs[0]
             except ValidationError as exc:
-                self._reject(raw, exc.errors(include_url=False).__repr__()[:2000], message_id,
-                             deliveries, queue)
+                self._reject(raw, validation_code(exc), validation_message(exc), message_id,
+                             deliveries, queue, index=index)
                 continue
             if job.model != self.settings.model:
                 self._fail_now(job, ErrorCode.WRONG_MODEL,
@@ -127,30 +283,52 @@ class Runtime:
             jobs.append(job)
         return jobs
 
-    def _reject(self, payload: Any, error: str, message_id: str, deliveries: int,
-                queue: str | None) -> None:
-        log.warning("rejecting malformed job in message %s: %s", message_id, error)
-        self.dead_letters.add(payload=payload, code=ErrorCode.INVALID_JOB, error=error,
-                              message_id=message_id, deliveries=deliveries, queue=queue)
+    def _reject(self, payload: Any, code: ErrorCode, error: str, message_id: str,
+                deliveries: int, queue: str | None, *, index: int | None) -> None:
+        log.warning("rejecting malformed job in message %s: [%s] %s", message_id, code, error)
+        self.dead_letters.add(payload=payload, code=code, error=error, message_id=message_id,
+                              deliveries=deliveries, queue=queue,
+                              dedupe_key=f"{message_id}:{'message' if index is None else index}")
+
+    def reject_undecodable(self, *, body: bytes | None, content_type: str | None,
+                           error: str, message_id: str | None, queue: str | None) -> None:
+        """A message that never reached the task: not JSON, or a refused content type."""
+        self.dead_letters.add(payload=None, code=ErrorCode.INVALID_JOB, error=error,
+                              message_id=message_id, deliveries=1, queue=queue, raw_body=body,
+                              content_type=content_type,
+                              dedupe_key=f"{message_id}:undecodable" if message_id else None)
 
     def _fail_now(self, job: Job, code: ErrorCode, message: str) -> None:
         self.results.put_many([JobResult(job_id=job.job_id, status=Status.FAILED, task=job.task,
                                          model=job.model, source=job.source,
                                          error=ErrorInfo(code=code, message=message))])
 
-    def _quarantine(self, payload: Any, message_id: str, deliveries: int,
-                    queue: str | None) -> None:
-        log.error("message %s started %d times without finishing: quarantined", message_id,
-                  deliveries - 1)
-        self.dead_letters.add(
-            payload=payload, code=ErrorCode.POISON_MESSAGE, message_id=message_id,
-            error=f"the worker was lost {deliveries - 1} times while processing this message",
-            deliveries=deliveries - 1, queue=queue)
+    # Poison messages and giving up ---------------------------------------------------------
+    def _quarantine(self, payload: Any, message_id: str, previous: Delivery,
+                    queue: str | None) -> Outcome:
+        jobs = self._valid_jobs(payload, message_id, previous.count, queue)
+        unfinished = [job for job, status in zip(jobs, self.results.statuses(
+            [j.job_id for j in jobs]), strict=True) if status is not Status.DONE]
         self.dead_letters.end_delivery(message_id)
-        jobs = self._valid_jobs(payload, message_id, deliveries, None)
-        for job in jobs:
+        if len(unfinished) > 1:
+            log.error("message %s killed its worker %d times; splitting its %d unfinished jobs "
+                      "into one message each to find the culprit", message_id, previous.count,
+                      len(unfinished))
+            run_id = payload.get("run_id") if isinstance(payload, dict) else None
+            return Outcome(resend=tuple(
+                JobMessage(jobs=[job], run_id=run_id).model_dump(mode="json")
+                for job in unfinished))
+        letter = self.dead_letters.add(
+            payload=payload, code=ErrorCode.POISON_MESSAGE, error=previous.describe(),
+            message_id=message_id, deliveries=previous.count, queue=queue,
+            dedupe_key=f"{message_id}:poison")
+        log.error("message %s quarantined as dead letter %s: %s", message_id, letter.id,
+                  letter.error)
+        for job in unfinished:
             self._fail_now(job, ErrorCode.POISON_MESSAGE,
-                           "the message killed its worker on every delivery; see the DLQ")
+                           f"the job's worker was lost on each of {previous.count} deliveries; "
+                           f"quarantined as dead letter {letter.id}")
+        return Outcome(dead_lettered=True)
 
     def _give_up(self, jobs: list[Job], error: TransientError, payload: Any, message_id: str,
                  deliveries: int, queue: str | None) -> None:
@@ -159,11 +337,25 @@ class Runtime:
         for job in unfinished:
             self._fail_now(job, error.code, f"gave up after retries: {error.message}")
         self.dead_letters.add(payload=payload, code=error.code, error=error.message,
-                              message_id=message_id, deliveries=deliveries, queue=queue)
+                              message_id=message_id, deliveries=deliveries, queue=queue,
+                              dedupe_key=f"{message_id}:gave-up")
+
+    # Shutdown ------------------------------------------------------------------------------
+    def begin_drain(self, grace_s: float) -> None:
+        """SIGTERM: start nothing new, settle held messages before the grace period ends."""
+        now = time.monotonic()
+        reserve = min(DRAIN_RESERVE_MAX_S, max(DRAIN_RESERVE_MIN_S, grace_s * DRAIN_RESERVE_SHARE))
+        self._close_by = min(self._close_by, now + grace_s - TEARDOWN_S)
+        self._drain_deadline = min(self._drain_deadline, now + grace_s - reserve)
+        self._draining.set()
+        self.health.drain()
 
     def close(self) -> None:
+        start = time.monotonic()
         self.health.stop()
-        self.pipeline.close(self.settings.drain_timeout_s)
+        budget = min(self._close_by - time.monotonic(), self.settings.drain_timeout_s)
+        self.pipeline.close(max(0.5, budget - PIPELINE_CLOSE_OVERRUN_S))
+        log.info("pipeline closed in %.1f s", time.monotonic() - start)
 
 
 _runtimes: dict[int, Runtime] = {}
@@ -177,6 +369,11 @@ def get_runtime(settings: Settings) -> Runtime:
         if key not in _runtimes:
             _runtimes[key] = Runtime(settings)
         return _runtimes[key]
+
+
+def existing_runtime() -> Runtime | None:
+    """The process's runtime if it was built; never builds one (safe in a signal handler)."""
+    return _runtimes.get(os.getpid())
 
 
 def close_runtime() -> None:
