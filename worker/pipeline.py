@@ -126,8 +126,12 @@ class Pipeline:
         return not self._stopping.is_set() and all(t.is_alive() for t in self._threads)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop taking work, let held items finish, then stop the stages."""
-        self._prepare.shutdown(wait=True)
+        """Stop taking work, let held items finish, then stop the stages.
+
+        Called once every message is settled (done or requeued), so fetches that have not
+        started are cancelled rather than run.
+        """
+        self._prepare.shutdown(wait=True, cancel_futures=True)
         deadline = time.monotonic() + timeout
         while (not self._ready.empty() or not self._to_write.empty()) and \
                 time.monotonic() < deadline:
