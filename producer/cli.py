@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import click
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from tqdm import tqdm
 
 from producer.bulk import IMAGE_SUFFIXES, BulkRequest, jobs_for, list_sources
 from producer.client import Client
 from schemas.jobs import Job, JobMessage, Task, ZeroShotOptions
-from schemas.keys import TASK_NAME, RedisKeys
+from schemas.keys import RedisKeys
 from schemas.results import JobResult, Status
 from schemas.settings import Settings
 
@@ -155,7 +155,8 @@ def _result_line(result: JobResult, embeddings: bool) -> str:
 
 @click.group()
 def dlq() -> None:
-    """Inspect and replay the dead-letter store."""
+    """Inspect, replay and purge the dead-letter store (jobs and messages that failed for good,
+    and messages a worker was lost on every time)."""
 
 
 def _dead_letters() -> Any:
@@ -167,45 +168,77 @@ def _dead_letters() -> Any:
 
 
 @dlq.command("list")
-def dlq_list() -> None:
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per dead letter")
+def dlq_list(as_json: bool) -> None:
+    """One line per dead letter, oldest first: id, code, deliveries, error, payload."""
     from worker.deadletters import payload_preview
 
     for letter in _dead_letters().list():
+        if as_json:
+            click.echo(letter.model_dump_json())
+            continue
+        payload = (f"<{letter.content_type}, undecoded>" if letter.raw_body is not None
+                   else payload_preview(letter.payload, 80))
         click.echo(f"{letter.id}  {letter.code}  deliveries={letter.deliveries}  "
-                   f"{letter.error[:80]}  {payload_preview(letter.payload, 80)}")
+                   f"{letter.error[:80]}  {payload}")
 
 
 @dlq.command("show")
 @click.argument("letter_id")
 def dlq_show(letter_id: str) -> None:
+    """A dead letter in full: payload, error code, last error, deliveries, queue."""
     letter = _dead_letters().get(letter_id)
     if letter is None:
         raise click.ClickException(f"no dead letter {letter_id}")
     click.echo(letter.model_dump_json(indent=2))
 
 
-@dlq.command("replay")
-@click.argument("letter_id")
-def dlq_replay(letter_id: str) -> None:
-    """Re-send a dead letter's payload to its queue, then remove it from the store."""
-    store = _dead_letters()
-    letter = store.get(letter_id)
-    if letter is None:
-        raise click.ClickException(f"no dead letter {letter_id}")
-    payload = letter.payload if "jobs" in (letter.payload or {}) else {"jobs": [letter.payload]}
-    message = JobMessage.model_validate(payload)
-    client = _client()
-    from schemas.keys import queue_name
+def _replayable_message(letter: Any) -> JobMessage:
+    if not letter.replayable:
+        raise click.ClickException(
+            f"dead letter {letter.id} never decoded ({letter.content_type}); it cannot be "
+            "replayed: fix the producer and send the jobs again")
+    payload = letter.payload
+    if not (isinstance(payload, dict) and "jobs" in payload):
+        payload = {"jobs": [payload]}
+    try:
+        return JobMessage.model_validate(payload)
+    except ValidationError as exc:
+        raise click.ClickException(
+            f"dead letter {letter.id} is not a valid job message, so it cannot be replayed as "
+            f"it is: {exc.error_count()} errors, e.g. {exc.errors()[0]['msg']}") from exc
 
-    client.app.send_task(TASK_NAME, args=[message.model_dump(mode="json")],
-                         queue=letter.queue or queue_name(message.jobs[0].model))
-    store.remove(letter_id)
-    click.echo(f"replayed {letter_id}: {len(message.jobs)} jobs")
+
+@dlq.command("replay")
+@click.argument("letter_ids", nargs=-1)
+@click.option("--all", "replay_all", is_flag=True, help="replay every replayable dead letter")
+def dlq_replay(letter_ids: tuple[str, ...], replay_all: bool) -> None:
+    """Re-submit dead letters' jobs to their model's queue, then remove them from the store.
+
+    Jobs that have finished since are not re-sent. A message quarantined for killing its
+    workers goes through the same checks again, so replay it once its cause is fixed.
+    """
+    store = _dead_letters()
+    if replay_all:
+        letters = [letter for letter in store.list() if letter.replayable]
+    else:
+        letters = [store.get(letter_id) for letter_id in letter_ids]
+        missing = [i for i, letter in zip(letter_ids, letters, strict=True) if letter is None]
+        if missing or not letters:
+            raise click.ClickException(f"no dead letter {', '.join(missing) or '(none given)'}")
+    messages = [_replayable_message(letter) for letter in letters]
+    client = _client()
+    for letter, message in zip(letters, messages, strict=True):
+        ids = client.submit_many(message.jobs, per_message=len(message.jobs),
+                                 run_id=message.run_id)
+        store.remove(letter.id)
+        click.echo(f"replayed {letter.id}: {len(ids)} jobs")
 
 
 @dlq.command("purge")
 @click.confirmation_option(prompt="Delete every dead letter?")
 def dlq_purge() -> None:
+    """Delete every dead letter."""
     click.echo(f"purged {_dead_letters().purge()}")
 
 
