@@ -1,0 +1,99 @@
+"""Graceful drain: after SIGTERM the worker takes no new message, settles every held one
+(finished with its outputs written and acknowledged, or requeued) and exits within the grace
+period (`drain_timeout_s`).
+
+The model stage is slowed inside the worker process (tests/fixtures/faults.py) so that the
+signal lands while batches are held: briefly, so the held batches finish within the grace
+period, or far longer than it, so they cannot and must be requeued.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from producer.client import Client
+from schemas.jobs import Job, Task
+from schemas.keys import ShardPaths, queue_name
+from schemas.results import Status
+from schemas.settings import Settings
+from tests.fixtures.faults import SLOW_FORWARD_ENV, committed_rows, wait_for, worker_launcher
+from tests.test_worker_e2e import upload_images
+
+pytestmark = pytest.mark.timeout(300)
+_ = worker_launcher  # a fixture
+
+GRACE_S = 8.0
+EXIT_SLACK_S = 2.0  # process teardown and this test's polling, on top of the grace period
+
+
+def queued_job_ids(broker: redis.Redis, queue: str) -> tuple[set[str], int]:
+    """Job ids in the messages waiting on `queue`, and how many of those were requeued."""
+    ids: set[str] = set()
+    requeued = 0
+    for raw in broker.lrange(queue, 0, -1):
+        envelope = json.loads(raw)
+        args = json.loads(base64.b64decode(envelope["body"]))[0]
+        ids |= {Job.model_validate(job).job_id for job in args[0]["jobs"]}
+        requeued += bool(envelope["properties"]["delivery_info"].get("redelivered"))
+    return ids, requeued
+
+
+@pytest.mark.parametrize(("forward_s", "held_batches"), [(0.5, "finish"), (60.0, "requeued")])
+def test_sigterm_settles_held_batches_and_exits_within_the_grace_period(
+        forward_s: float, held_batches: str, worker_launcher: Any, redis_url: str,
+        s3_endpoint: str, s3: Any, bucket: str, tiny_model_dirs: dict[str, str],
+        tmp_path: Path) -> None:
+    model = tiny_model_dirs["openclip"]
+    settings = {"redis_url": redis_url, "s3_endpoint_url": s3_endpoint, "model": model,
+                "output_uri": f"s3://{bucket}/embeddings", "health_dir": str(tmp_path / "h"),
+                "drain_timeout_s": GRACE_S, "visibility_timeout_s": 300,
+                "max_inflight_messages": 4, "max_batch_items": 8, "max_batch_wait_ms": 200}
+    upload_images(s3, bucket, 8)
+    jobs = [Job(task=Task.IMAGE_EMBEDDING, image=f"s3://{bucket}/photos/img{i % 8:03d}.jpg",
+                model=model, idempotency_key=str(i)) for i in range(96)]
+    client = Client(Settings(redis_url=redis_url, model=model))
+    ids = client.submit_many(jobs, per_message=4)
+    broker, queue = redis.Redis.from_url(redis_url), queue_name(model)
+
+    worker = worker_launcher(settings, faults={SLOW_FORWARD_ENV: str(forward_s)})
+    wait_for(lambda: broker.hlen("unacked") == 4 and any(
+        s is Status.RUNNING for s in client.results.statuses(ids)), 60, "held batches")
+    held = {Job.model_validate(job).job_id
+            for raw in broker.hvals("unacked")
+            for job in json.loads(base64.b64decode(json.loads(raw)[0]["body"]))[0][0]["jobs"]}
+    running = {job_id for job_id, status in zip(ids, client.results.statuses(ids), strict=True)
+               if status is Status.RUNNING}
+    signalled = time.monotonic()
+    worker.process.send_signal(signal.SIGTERM)
+    try:
+        worker.process.wait(GRACE_S + EXIT_SLACK_S)
+    except subprocess.TimeoutExpired:
+        worker.process.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
+        worker.process.wait(10)
+    elapsed = time.monotonic() - signalled
+
+    assert worker.process.returncode == 0, worker.output()[-3000:]
+    assert elapsed <= GRACE_S + EXIT_SLACK_S, f"exited {elapsed:.1f} s after SIGTERM"
+    assert broker.hlen("unacked") == 0 and broker.zcard("unacked_index") == 0
+    statuses = dict(zip(ids, client.results.statuses(ids), strict=True))
+    done = {job_id for job_id, status in statuses.items() if status is Status.DONE}
+    waiting, requeued = queued_job_ids(broker, queue)
+    assert set(ids) <= done | waiting, "every job is done or waits on the queue"
+    rows = committed_rows(s3, bucket, f"embeddings/{ShardPaths(model, 'image').directory}/")
+    assert done <= set(rows) and len(rows) == len(set(rows)), "done jobs have one row each"
+    assert held <= done | waiting, "every held message was finished or requeued"
+    if held_batches == "finish":
+        assert running & held and running & held <= done, "the batches in flight finished"
+    else:
+        assert held <= waiting and requeued >= 1, "the stuck batches were requeued"
+        assert "requeued: the drain deadline came" in worker.output()
+        assert not held & done

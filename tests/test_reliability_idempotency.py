@@ -1,0 +1,80 @@
+"""Idempotency: the same job run twice, or at once on two workers, leaves one output row and
+one result.
+
+Every copy of a job has the same job id (a hash of its content). Before a row is written the
+writer claims the job in Redis (worker/results.py); a job already done is not written again,
+and one claimed by a live writer is retried once the claim is released or its lease ends.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from producer.client import Client
+from schemas.jobs import Job, Task
+from schemas.keys import ShardPaths, queue_name
+from schemas.results import Status
+from schemas.settings import Settings
+from tests.fixtures.faults import committed_rows, launch_worker, wait_for, wait_until_ready
+from tests.test_worker_e2e import upload_images
+
+pytestmark = pytest.mark.timeout(300)
+
+COPIES = 3
+
+
+def test_copies_of_each_job_on_two_workers_at_once_then_again_leave_one_row_and_result(
+        redis_url: str, s3_endpoint: str, s3: Any, bucket: str,
+        tiny_model_dirs: dict[str, str], tmp_path: Path) -> None:
+    model = tiny_model_dirs["openclip"]
+    settings = {"redis_url": redis_url, "s3_endpoint_url": s3_endpoint, "model": model,
+                "output_uri": f"s3://{bucket}/embeddings", "health_dir": str(tmp_path / "h"),
+                "max_inflight_messages": 4, "max_batch_items": 8, "claim_lease_s": 5}
+    upload_images(s3, bucket, 40)
+    jobs = [Job(task=Task.IMAGE_EMBEDDING, image=f"s3://{bucket}/photos/img{i:03d}.jpg",
+                model=model) for i in range(40)]
+    client = Client(Settings(redis_url=redis_url, model=model))
+    # Copies side by side on the queue, one job per message, so the two workers take copies
+    # of the same job at the same moment.
+    for job in jobs:
+        for _ in range(COPIES):
+            client.submit_many([job], per_message=1, skip_done=False)
+    broker, queue = redis.Redis.from_url(redis_url), queue_name(model)
+    assert broker.llen(queue) == COPIES * len(jobs)
+
+    workers = [launch_worker(tmp_path / f"w{i}.log", settings, wait_ready=False)
+               for i in range(2)]
+    try:
+        for worker in workers:
+            wait_until_ready(worker)
+        ids = [job.job_id for job in jobs]
+        assert all(r.status is Status.DONE for r in client.wait(ids, timeout=180))
+        wait_for(lambda: broker.llen(queue) == 0 and broker.hlen("unacked") == 0, 120,
+                 "every copy to be consumed")
+        handled = [w.output().count("succeeded in") for w in workers]
+        assert all(handled), f"both workers took messages: {handled}"
+
+        # And once more, after they are done: forced past the client's done-check.
+        client.submit_many(jobs, per_message=8, skip_done=False)
+        wait_for(lambda: broker.llen(queue) == 0 and broker.hlen("unacked") == 0, 120,
+                 "the second run to be consumed")
+        assert sum(w.output().count("succeeded in") for w in workers) >= sum(handled) + 5
+    finally:
+        for worker in workers:
+            worker.stop()
+
+    rows = committed_rows(s3, bucket, f"embeddings/{ShardPaths(model, 'image').directory}/")
+    assert Counter(rows) == Counter(ids), "one committed row per job"
+    results = client.results.get_many(ids)
+    assert len({r.job_id for r in results if r}) == len(ids)
+    for result in results:
+        assert result is not None and result.status is Status.DONE and result.output
+        key = result.output.shard.removeprefix(f"s3://{bucket}/").removesuffix(".npy")
+        manifest = json.loads(s3.get_object(Bucket=bucket, Key=f"{key}.json")["Body"].read())
+        assert manifest["jobs"][result.output.row] == result.job_id, "the result's row is it"

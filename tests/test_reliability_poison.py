@@ -1,0 +1,219 @@
+"""Poison messages: a message that kills its worker on every delivery is quarantined after
+`max_deliveries` deliveries into the dead-letter store (with its payload and what is known of
+its last error), without taking innocent messages with it; `dualstream dlq` manages the store.
+
+The end-to-end test needs an input that kills the worker process: the worker runs with a
+test-only fault installed from tests/fixtures/faults.py that SIGKILLs the process (as the
+kernel's OOM killer would) when it decodes bytes that start with a marker. Production code
+has no such hook.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from producer.client import Client
+from schemas.errors import ErrorCode
+from schemas.jobs import Job, JobMessage, Task
+from schemas.keys import RedisKeys, queue_name
+from schemas.results import Status
+from schemas.settings import Settings
+from tests.fixtures.faults import KILL_ON_ENV, celery_message, wait_for, worker_launcher
+from tests.fixtures.services import REPO, worker_env
+from tests.images import jpeg_bytes
+from worker.deadletters import DeadLetterStore
+from worker.runtime import Runtime, SuspectGate
+
+pytestmark = pytest.mark.timeout(300)
+_ = worker_launcher  # a fixture
+
+MAX_DELIVERIES = 2
+MARKER = "POISON"
+
+
+def dlq_cli(redis_url: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "worker.cli", "dlq", *args],
+                          env=worker_env(redis_url=redis_url), cwd=REPO, capture_output=True,
+                          text=True, timeout=120, check=check)
+
+
+def test_a_message_that_kills_its_worker_every_time_is_quarantined_after_n_deliveries(
+        worker_launcher: Any, redis_url: str, s3_endpoint: str, s3: Any, bucket: str,
+        tiny_model_dirs: dict[str, str], tmp_path: Path) -> None:
+    model = tiny_model_dirs["openclip"]
+    settings = {"redis_url": redis_url, "s3_endpoint_url": s3_endpoint, "model": model,
+                "output_uri": f"s3://{bucket}/embeddings", "health_dir": str(tmp_path / "h"),
+                "max_deliveries": MAX_DELIVERIES, "visibility_timeout_s": 5,
+                "claim_lease_s": 5, "max_inflight_messages": 4}
+    for i in range(6):
+        s3.put_object(Bucket=bucket, Key=f"good/{i}.jpg", Body=jpeg_bytes(i))
+    s3.put_object(Bucket=bucket, Key="bad/poison.jpg", Body=MARKER.encode() + jpeg_bytes(9))
+    client = Client(Settings(redis_url=redis_url, model=model))
+
+    def image(key: str) -> Job:
+        return Job(task=Task.IMAGE_EMBEDDING, image=f"s3://{bucket}/{key}", model=model)
+
+    innocent = [client.submit_many([image(f"good/{i}.jpg"), image(f"good/{i + 3}.jpg")])
+                for i in range(3)]
+    poison = client.submit(image("bad/poison.jpg"))
+
+    deaths = 0
+    while client.status(poison) is not Status.FAILED:
+        assert deaths <= MAX_DELIVERIES, "quarantined after at most N lost deliveries"
+        worker = worker_launcher(settings, faults={KILL_ON_ENV: MARKER}, wait_ready=False)
+        wait_for(lambda: worker.process.poll() is not None  # noqa: B023
+                 or client.status(poison) is Status.FAILED, 120, "a death or the quarantine")
+        if worker.process.poll() is not None:
+            assert worker.process.returncode == -9
+            deaths += 1
+    assert deaths == MAX_DELIVERIES
+    assert worker.process.poll() is None, "the quarantining worker lives on"
+
+    failed = client.result(poison, timeout=10)
+    assert failed.error is not None and failed.error.code is ErrorCode.POISON_MESSAGE
+    ids = [job_id for pair in innocent for job_id in pair]
+    assert all(r.status is Status.DONE for r in client.wait(ids, timeout=120))
+    store = DeadLetterStore(redis.Redis.from_url(redis_url), RedisKeys())
+    [letter] = store.list()
+    assert letter.code is ErrorCode.POISON_MESSAGE and letter.deliveries == MAX_DELIVERIES
+    assert JobMessage.model_validate(letter.payload).jobs[0].job_id == poison
+    assert f"worker was lost {MAX_DELIVERIES} times" in letter.error
+    assert letter.queue == queue_name(model)
+
+    # A malformed message is dead-lettered too; then the operator's commands.
+    broker = redis.Redis.from_url(redis_url)
+    broker.lpush(queue_name(model), celery_message([{"jobs": []}], queue=queue_name(model)))
+    wait_for(lambda: len(store.list()) == 2, 60, "the malformed message's dead letter")
+    worker.stop()
+    invalid = next(d for d in store.list() if d.code is ErrorCode.INVALID_JOB)
+
+    listed = dlq_cli(redis_url, "list").stdout
+    assert letter.id in listed and "poison_message" in listed and invalid.id in listed
+    shown = json.loads(dlq_cli(redis_url, "show", letter.id).stdout)
+    assert shown["payload"] == letter.payload and shown["error"] == letter.error
+    assert dlq_cli(redis_url, "replay", letter.id).stdout.startswith(f"replayed {letter.id}")
+    [message] = broker.lrange(queue_name(model), 0, -1)
+    assert _job_ids(message) == [poison]
+    refused = dlq_cli(redis_url, "replay", invalid.id, check=False)
+    assert refused.returncode != 0 and "not a valid job message" in refused.stderr
+    assert dlq_cli(redis_url, "purge", "--yes").stdout.strip() == "purged 1"
+    assert dlq_cli(redis_url, "list").stdout == "" and store.list() == []
+
+
+def _job_ids(raw: bytes) -> list[str]:
+    import base64
+
+    body = json.loads(base64.b64decode(json.loads(raw)["body"]))
+    return [Job.model_validate(job).job_id for job in body[0][0]["jobs"]]
+
+
+# --- the rules, in one process -------------------------------------------------------------
+
+
+@pytest.fixture
+def runtime(redis_url: str, tmp_path: Path, tiny_encoders: dict[str, Any]) -> Any:
+    encoder = tiny_encoders["openclip"]
+    settings = Settings(redis_url=redis_url, model=encoder.model_id, local_root=str(tmp_path),
+                        output_uri=(tmp_path / "out").as_uri(), health_dir=str(tmp_path / "h"),
+                        max_deliveries=MAX_DELIVERIES)
+    runtime = Runtime(settings, encoder=encoder)
+    yield runtime
+    runtime.close()
+
+
+def _image_jobs(tmp_path: Path, model: str, count: int) -> list[Job]:
+    jobs = []
+    for i in range(count):
+        path = tmp_path / f"{i}.jpg"
+        path.write_bytes(jpeg_bytes(i))
+        jobs.append(Job(task=Task.IMAGE_EMBEDDING, image=str(path), model=model))
+    return jobs
+
+
+def _lost(runtime: Runtime, message_id: str, times: int) -> None:
+    """What `times` deliveries whose worker died leave behind."""
+    for _ in range(times):
+        runtime.dead_letters.count_delivery(message_id, "host-1234")
+
+
+def test_a_poison_message_of_several_jobs_is_split_so_that_only_the_culprit_is_quarantined(
+        runtime: Runtime, tmp_path: Path) -> None:
+    model = runtime.settings.model
+    done, culprit, other = _image_jobs(tmp_path, model, 3)
+    runtime.handle({"jobs": [done.model_dump(mode="json")]}, message_id="m0", attempt=1)
+    payload = JobMessage(jobs=[done, culprit, other], run_id="run-x").model_dump(mode="json")
+    _lost(runtime, "m1", MAX_DELIVERIES)
+
+    outcome = runtime.handle(payload, message_id="m1", attempt=1)
+    assert not outcome.dead_lettered and runtime.dead_letters.list() == []
+    split = [JobMessage.model_validate(message) for message in outcome.resend]
+    assert [m.jobs for m in split] == [[culprit], [other]], "unfinished jobs, one per message"
+    assert {m.run_id for m in split} == {"run-x"}
+    assert runtime.dead_letters.previous_delivery("m1") is None
+
+    _lost(runtime, "m2", MAX_DELIVERIES)
+    outcome = runtime.handle(outcome.resend[0], message_id="m2", attempt=1)
+    assert outcome.dead_lettered
+    [letter] = runtime.dead_letters.list()
+    assert letter.payload == outcome_payload(culprit) and letter.deliveries == MAX_DELIVERIES
+    assert "host-1234" in letter.error
+    result = runtime.results.get(culprit.job_id)
+    assert result is not None and result.error is not None
+    assert result.error.code is ErrorCode.POISON_MESSAGE and letter.id in result.error.message
+    assert runtime.results.get(other.job_id) is None, "an innocent job is not failed"
+
+
+def outcome_payload(job: Job) -> dict[str, Any]:
+    return JobMessage(jobs=[job], run_id="run-x").model_dump(mode="json")
+
+
+def test_an_error_raised_on_every_delivery_quarantines_with_the_last_error(
+        runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    [job] = _image_jobs(tmp_path, runtime.settings.model, 1)
+    payload = {"jobs": [job.model_dump(mode="json")]}
+
+    def broken(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("a bug that fires on this message")
+
+    monkeypatch.setattr(runtime.pipeline, "submit", broken)
+    for _ in range(MAX_DELIVERIES):
+        with pytest.raises(RuntimeError):
+            runtime.handle(payload, message_id="m", attempt=1)
+    assert runtime.handle(payload, message_id="m", attempt=1).dead_lettered
+    [letter] = runtime.dead_letters.list()
+    assert letter.code is ErrorCode.POISON_MESSAGE
+    assert "last error: RuntimeError: a bug that fires on this message" in letter.error
+
+
+def test_a_suspect_message_runs_alone_and_goes_before_new_work() -> None:
+    gate, events = SuspectGate(), []
+
+    def run(name: str, exclusive: bool, hold_s: float) -> None:
+        with gate.enter(exclusive=exclusive, timeout=10) as entered:
+            assert entered
+            events.append(f"+{name}")
+            time.sleep(hold_s)
+            events.append(f"-{name}")
+
+    first = threading.Thread(target=run, args=("a", False, 0.3))
+    first.start()
+    time.sleep(0.05)
+    suspect = threading.Thread(target=run, args=("suspect", True, 0.3))
+    suspect.start()
+    time.sleep(0.05)
+    later = threading.Thread(target=run, args=("b", False, 0.0))
+    later.start()
+    for thread in (first, suspect, later):
+        thread.join()
+    assert events == ["+a", "-a", "+suspect", "-suspect", "+b", "-b"]
+    with gate.enter(exclusive=True, timeout=1), gate.enter(exclusive=False, timeout=0.1) as ok:
+        assert not ok, "no other message while a suspect runs"
