@@ -21,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import redis
 import torch
 
 from schemas.errors import DualstreamError, ErrorCode, PermanentError, TransientError
@@ -316,6 +317,10 @@ class Pipeline:
             return
         if isinstance(exc, TransientError):
             item.future.set_exception(exc)
+            return
+        if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+            item.future.set_exception(TransientError(f"Redis unreachable: {exc}",
+                                                     code=ErrorCode.TRANSIENT_BROKER))
             return
         if not isinstance(exc, PermanentError):
             log.exception("job %s failed unexpectedly", item.job.job_id, exc_info=exc)
