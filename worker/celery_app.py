@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis
 from celery import Celery
+from kombu.transport import redis as kombu_redis
 
 from schemas.keys import queue_name
 from schemas.settings import Settings
@@ -20,6 +22,30 @@ from worker.connections import broker_ssl_options
 
 BROKER_SOCKET_TIMEOUT_S = 30
 BROKER_CONNECT_TIMEOUT_S = 5
+
+
+class _BrokerChannel(kombu_redis.Channel):
+    """Kombu's Redis channel, failing like a lost connection once its connection is closed.
+
+    After a broker outage, Celery closes the old connection while tasks still run; their acks
+    (and kombu's restore of held messages on close) then reach a channel whose connection is
+    gone, and kombu 5.7 raises AttributeError there, which Celery treats as unrecoverable: the
+    worker exits. A ConnectionError instead is logged and skipped; the message stays in
+    Redis's unacked hash and comes back through the visibility-timeout sweep.
+    """
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        transport = self.connection
+        if transport is None or transport.client is None:
+            raise redis.ConnectionError("this broker channel's connection was closed")
+        params: dict[str, Any] = super()._connparams(asynchronous=asynchronous)
+        return params
+
+
+class BrokerTransport(kombu_redis.Transport):
+    """Kombu's Redis transport with `_BrokerChannel`."""
+
+    Channel = _BrokerChannel
 
 
 def restore_interval_s(visibility_timeout_s: int) -> int:
@@ -32,6 +58,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     visibility_timeout = settings.visibility_timeout_s
     config: dict[str, Any] = {
         "broker_url": settings.redis_dsn,
+        "broker_transport": f"{__name__}:BrokerTransport",
         "broker_connection_retry_on_startup": True,
         "broker_connection_retry": True,
         # A Redis restart is waited out, however long it takes, instead of ending the worker.
