@@ -70,6 +70,18 @@ class Delivery:
         return f"{lost}; last error: {self.last_error}" if self.last_error else lost
 
 
+def json_safe(value: Any) -> Any:
+    """`value` with every string encodable as UTF-8: a lone surrogate (valid in JSON's
+    `\\udcff` escapes, not in UTF-8) is kept as the visible text `\\udcff`."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, list):
+        return [json_safe(item) for item in value]
+    if isinstance(value, dict):
+        return {json_safe(key): json_safe(item) for key, item in value.items()}
+    return value
+
+
 def _text(raw: bytes | str | None) -> str | None:
     return raw.decode(errors="replace") if isinstance(raw, bytes) else raw
 
@@ -120,8 +132,8 @@ class DeadLetterStore:
         letter_id = (hashlib.sha256(dedupe_key.encode()).hexdigest()[:32] if dedupe_key
                      else uuid.uuid4().hex)
         letter = DeadLetter(
-            id=letter_id, message_id=message_id, code=code, error=error,
-            deliveries=deliveries, payload=payload, queue=queue, at=time.time(),
+            id=letter_id, message_id=message_id, code=code, error=json_safe(error),
+            deliveries=deliveries, payload=json_safe(payload), queue=queue, at=time.time(),
             raw_body=(base64.b64encode(raw_body[:RAW_BODY_LIMIT]).decode()
                       if raw_body is not None else None),
             content_type=content_type)
