@@ -27,6 +27,7 @@ from schemas.results import Status
 from schemas.settings import Settings
 from tests.fixtures.faults import SLOW_FORWARD_ENV, committed_rows, wait_for, worker_launcher
 from tests.test_worker_e2e import upload_images
+from worker.health import probe
 
 pytestmark = pytest.mark.timeout(300)
 _ = worker_launcher  # a fixture
@@ -55,7 +56,7 @@ def test_sigterm_settles_held_batches_and_exits_within_the_grace_period(
     model = tiny_model_dirs["openclip"]
     settings = {"redis_url": redis_url, "s3_endpoint_url": s3_endpoint, "model": model,
                 "output_uri": f"s3://{bucket}/embeddings", "health_dir": str(tmp_path / "h"),
-                "drain_timeout_s": GRACE_S, "visibility_timeout_s": 300,
+                "drain_timeout_s": GRACE_S, "visibility_timeout_s": 300, "health_interval_s": 0.5,
                 "max_inflight_messages": 4, "max_batch_items": 8, "max_batch_wait_ms": 200}
     upload_images(s3, bucket, 8)
     jobs = [Job(task=Task.IMAGE_EMBEDDING, image=f"s3://{bucket}/photos/img{i % 8:03d}.jpg",
@@ -72,8 +73,12 @@ def test_sigterm_settles_held_batches_and_exits_within_the_grace_period(
             for job in json.loads(base64.b64decode(json.loads(raw)[0]["body"]))[0][0]["jobs"]}
     running = {job_id for job_id, status in zip(ids, client.results.statuses(ids), strict=True)
                if status is Status.RUNNING}
+    assert probe(tmp_path / "h", "ready", max_age_s=2)
     signalled = time.monotonic()
     worker.process.send_signal(signal.SIGTERM)
+    if held_batches == "requeued":  # the worker drains for seconds: is it unready meanwhile?
+        wait_for(lambda: not probe(tmp_path / "h", "ready", max_age_s=2), 3, "not ready")
+        assert worker.process.poll() is None, "not ready while it still drains"
     try:
         worker.process.wait(GRACE_S + EXIT_SLACK_S)
     except subprocess.TimeoutExpired:
