@@ -296,3 +296,20 @@ def check_dead_letter(case: Case, letters: list[DeadLetter]) -> None:
     assert letter.error, case.name
     if case.name.startswith("body_"):
         assert letter.raw_body is not None and letter.payload is None
+
+
+def test_a_worker_whose_model_does_not_load_stops_without_taking_messages(
+        worker_launcher: Any, redis_url: str, tmp_path: Path) -> None:
+    model = "no such model!"
+    client = Client(Settings(redis_url=redis_url, model=model))
+    job_id = client.embed_text("waiting for a worker that can serve it")
+    worker = worker_launcher({"redis_url": redis_url, "model": model,
+                              "output_uri": (tmp_path / "out").as_uri(),
+                              "health_dir": str(tmp_path / "h")}, wait_ready=False)
+    worker.process.wait(120)
+    log = worker.output()
+    assert "[unknown_model] cannot load model 'no such model!'" in log and "ready." not in log
+    broker = redis.Redis.from_url(redis_url)
+    assert broker.llen(queue_name(model)) + broker.hlen("unacked") == 1, "the message waits"
+    assert client.status(job_id) is Status.QUEUED
+    assert DeadLetterStore(broker, RedisKeys()).list() == []

@@ -113,14 +113,23 @@ def _dead_letter_undecodable(app: Celery, message: Any, error: str) -> None:
 
 @worker_ready.connect
 def _warm_up(sender: Any, **_: Any) -> None:
-    """Load the model before the first message arrives, in pools that do not fork."""
+    """Load the model before the first message arrives, in pools that do not fork.
+
+    A worker that cannot build its runtime (a model that does not load, an unusable output
+    location) stops instead of taking messages it could only put back. (Its exit status is 0:
+    Celery 5.7's `worker_main` drops the status the worker sets.)
+    """
     from worker.celery_app import app_settings
     from worker.runtime import get_runtime
 
     app = sender.app
     if not hasattr(app, "dualstream_settings") or app.conf.worker_pool == "prefork":
         return
-    get_runtime(app_settings(app))
+    try:
+        get_runtime(app_settings(app))
+    except Exception as exc:
+        log.critical("the worker cannot start (its model or services): exiting", exc_info=True)
+        raise SystemExit(1) from exc  # Celery's signal dispatch swallows any Exception
 
 
 @worker_shutting_down.connect
