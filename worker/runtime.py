@@ -201,10 +201,10 @@ class Runtime:
                                        "alone here, and that took too long")
             if self._draining.is_set():
                 return Outcome(requeue="the worker is draining")
-            return self._handle_alone_or_shared(payload, message_id, attempt, queue, previous,
+            return self._handle_counted(payload, message_id, attempt, queue, previous,
                                                 received + vt * HOLD_FRACTION)
 
-    def _handle_alone_or_shared(self, payload: Any, message_id: str, attempt: int,
+    def _handle_counted(self, payload: Any, message_id: str, attempt: int,
                                 queue: str | None, previous: Delivery | None,
                                 deadline: float) -> Outcome:
         deliveries = self.dead_letters.count_delivery(message_id, worker_name())
@@ -306,10 +306,19 @@ class Runtime:
     # Poison messages and giving up ---------------------------------------------------------
     def _quarantine(self, payload: Any, message_id: str, previous: Delivery,
                     queue: str | None) -> Outcome:
-        jobs = self._valid_jobs(payload, message_id, previous.count, queue)
-        unfinished = [job for job, status in zip(jobs, self.results.statuses(
-            [j.job_id for j in jobs]), strict=True) if status is not Status.DONE]
         self.dead_letters.end_delivery(message_id)
+        try:
+            jobs = self._valid_jobs(payload, message_id, previous.count, queue)
+            unfinished = [job for job, status in zip(jobs, self.results.statuses(
+                [j.job_id for j in jobs]), strict=True) if status is not Status.DONE]
+        except Exception:  # what failed on every delivery may fail here too: quarantine anyway
+            log.exception("message %s: its jobs could not be read for the quarantine",
+                          message_id)
+            jobs, unfinished = [], []
+        if jobs and not unfinished:
+            log.warning("message %s was lost %d times, but its jobs are all done", message_id,
+                        previous.count)
+            return Outcome()
         if len(unfinished) > 1:
             log.error("message %s killed its worker %d times; splitting its %d unfinished jobs "
                       "into one message each to find the culprit", message_id, previous.count,
@@ -326,7 +335,7 @@ class Runtime:
                   letter.error)
         for job in unfinished:
             self._fail_now(job, ErrorCode.POISON_MESSAGE,
-                           f"the job's worker was lost on each of {previous.count} deliveries; "
+                           f"its message did not finish on any of {previous.count} deliveries; "
                            f"quarantined as dead letter {letter.id}")
         return Outcome(dead_lettered=True)
 
