@@ -40,19 +40,17 @@ def test_copies_of_each_job_on_two_workers_at_once_then_again_leave_one_row_and_
     jobs = [Job(task=Task.IMAGE_EMBEDDING, image=f"s3://{bucket}/photos/img{i:03d}.jpg",
                 model=model) for i in range(40)]
     client = Client(Settings(redis_url=redis_url, model=model))
-    # Copies side by side on the queue, one job per message, so the two workers take copies
-    # of the same job at the same moment.
-    for job in jobs:
-        for _ in range(COPIES):
-            client.submit_many([job], per_message=1, skip_done=False)
     broker, queue = redis.Redis.from_url(redis_url), queue_name(model)
-    assert broker.llen(queue) == COPIES * len(jobs)
-
     workers = [launch_worker(tmp_path / f"w{i}.log", settings, wait_ready=False)
                for i in range(2)]
     try:
         for worker in workers:
             wait_until_ready(worker)
+        # Copies side by side on the queue, one job per message, so the two workers take
+        # copies of the same job at the same moment.
+        for job in jobs:
+            for _ in range(COPIES):
+                client.submit_many([job], per_message=1, skip_done=False)
         ids = [job.job_id for job in jobs]
         assert all(r.status is Status.DONE for r in client.wait(ids, timeout=180))
         wait_for(lambda: broker.llen(queue) == 0 and broker.hlen("unacked") == 0, 120,
