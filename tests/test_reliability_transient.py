@@ -123,3 +123,20 @@ def test_a_redis_restart_mid_run_loses_no_job(
              "no message waiting or unacknowledged")
     log = worker.output()
     assert "Connection to broker lost" in log or "Error while reading" in log
+
+
+def test_the_clients_retry_with_jittered_exponential_backoff() -> None:
+    """What the fault tests rely on, as configured: redis-py retries 6 times with full-jitter
+    exponential backoff (50 ms base, 2 s cap); botocore's adaptive mode retries 8 times
+    (rand × min(2^i × base, 20 s), and a client-side rate limit after throttling)."""
+    import redis.backoff
+
+    from worker.connections import redis_client, s3_client
+
+    retry = redis_client(Settings()).get_retry()
+    assert retry is not None and retry._retries == 6
+    assert isinstance(retry._backoff, redis.backoff.ExponentialWithJitterBackoff)
+    delays = {round(retry._backoff.compute(3), 4) for _ in range(20)}
+    assert len(delays) > 1 and max(delays) <= 0.4, "jittered, bounded by base × 2^3"
+    config = s3_client(Settings(s3_endpoint_url="http://127.0.0.1:9")).meta.config.retries
+    assert config == {"mode": "adaptive", "total_max_attempts": 9}
