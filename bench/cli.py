@@ -1,0 +1,86 @@
+"""`dualstream bench` (and `python -m bench`): run the benchmark, print the table, write JSON."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from bench.images import SIZES, parse_sizes
+from bench.models import DEFAULT_CACHE, MODELS
+from bench.plan import DEFAULT_PLANS, apply_overrides
+
+MODES = ("ceiling", "dualstream", "naive")
+
+
+def _csv(value: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
+    chosen = tuple(x.strip() for x in value.split(",") if x.strip())
+    unknown = [x for x in chosen if x not in allowed]
+    if unknown or not chosen:
+        raise click.BadParameter(f"{what}: choose from {', '.join(allowed)}")
+    return chosen
+
+
+def _command_line() -> str:
+    program = Path(sys.argv[0]).name
+    prefix = ["python", "-m", "bench"] if program == "__main__.py" else [program]
+    return shlex.join([*prefix, *sys.argv[1:]])
+
+
+@click.command("bench")
+@click.option("--models", default=",".join(MODELS), show_default=True,
+              help="comma-separated: tiny, vit-b-16")
+@click.option("--modes", default=",".join(MODES), show_default=True,
+              help="comma-separated: ceiling (a), dualstream (b), naive (c)")
+@click.option("--images", type=int, default=None,
+              help=f"images for the tiny model [default {DEFAULT_PLANS['tiny'].images}]")
+@click.option("--vit-images", type=int, default=None,
+              help=f"images for ViT-B/16 [default {DEFAULT_PLANS['vit-b-16'].images}]")
+@click.option("--image-sizes", default=",".join(f"{w}x{h}" for w, h in SIZES),
+              show_default=True, help="JPEG sizes to cycle through (WxH,...)")
+@click.option("--set", "overrides", multiple=True, metavar="MODEL.FIELD=VALUE",
+              help="override a plan field (see bench/plan.py), e.g. tiny.max_batch_items=64; "
+                   "MODEL.worker.NAME=VALUE passes DUALSTREAM_NAME to the worker")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu",
+              show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
+              show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("/tmp/dualstream-bench"), show_default=True,
+              help="images, outputs and logs")
+@click.option("--profile", type=click.Choice(["gil", "cpu"]), default=None,
+              help="py-spy the b and c workers during their last throughput run (needs py-spy)")
+@click.option("--model-cache", type=click.Path(file_okay=False, path_type=Path),
+              default=DEFAULT_CACHE, show_default=True, help="where the random checkpoints live")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="write the JSON report here [default WORKDIR/bench.json]")
+def bench_command(models: str, modes: str, images: int | None, vit_images: int | None,
+                  image_sizes: str, overrides: tuple[str, ...], device: str, dtype: str,
+                  workdir: Path, profile: str | None, model_cache: Path,
+                  json_out: Path | None) -> None:
+    """Throughput and latency: ceiling vs dualstream vs naive Celery, tiny and ViT-B/16."""
+    from bench.run import BenchOptions, render_table, run_benchmark
+
+    sized = list(overrides)
+    if images is not None:
+        sized.insert(0, f"tiny.images={images}")
+    if vit_images is not None:
+        sized.insert(0, f"vit-b-16.images={vit_images}")
+    try:
+        plans = apply_overrides(DEFAULT_PLANS, sized)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    options = BenchOptions(
+        models=_csv(models, MODELS, "--models"), modes=_csv(modes, MODES, "--modes"),
+        plans=plans, workdir=workdir.resolve(), device=device, dtype=dtype,
+        command=_command_line(), profile=profile, model_cache=model_cache,
+        image_sizes=parse_sizes(image_sizes))
+    report = run_benchmark(options)
+    target = json_out or workdir / "bench.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(report, indent=2))
+    click.echo(render_table(report))
+    click.echo(f"\nJSON report: {target}")

@@ -1,0 +1,71 @@
+"""The benchmark runs every mode end to end on a handful of images and reports every field.
+
+A smoke test only: it proves the harness works (real redis-server, real worker processes, the
+naive Celery app, the ceiling subprocess) and that the JSON report has what BENCHMARKS.md
+quotes. It asserts nothing about speed; throughput is measured by `python -m bench`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from bench.cli import bench_command
+
+pytestmark = pytest.mark.timeout(600)
+
+MODE_FIELDS = ("items", "items_per_s", "latency_p50_ms", "latency_p95_ms", "batch_fill",
+               "rows_per_shard", "peak_rss_mib", "worker_cpu_ms_per_item", "failed")
+SMALL = ("tiny.images=6", "tiny.latency_jobs=2", "tiny.warmup_jobs=2", "tiny.repeats=1",
+         "tiny.ceiling_batches=2,4", "tiny.ceiling_sweep_items=6", "tiny.ceiling_latency_items=2",
+         "tiny.max_batch_items=4", "tiny.per_message=3", "tiny.max_inflight_messages=2",
+         "tiny.naive_concurrency=2")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is required in CI")
+        pytest.skip("redis-server is not installed")
+    tmp_path = tmp_path_factory.mktemp("bench")
+    args = ["--models", "tiny", "--workdir", str(tmp_path / "work"),
+            "--model-cache", str(tmp_path / "models"), "--json", str(tmp_path / "bench.json")]
+    for override in SMALL:
+        args += ["--set", override]
+    result = CliRunner().invoke(bench_command, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "b. dualstream" in result.output and "b/c" in result.output
+    loaded: dict[str, object] = json.loads((tmp_path / "bench.json").read_text())
+    return loaded
+
+
+def test_every_mode_runs_and_the_report_has_every_field(report: dict[str, object]) -> None:
+    assert isinstance(report, dict)
+    for field in ("date", "command", "machine", "versions", "images", "models"):
+        assert field in report
+    assert report["machine"]["cores"] >= 1 and report["machine"]["cpu_model"]  # type: ignore[index]
+    tiny = report["models"]["tiny"]  # type: ignore[index]
+    assert set(tiny["summary"]) == {"ceiling", "dualstream", "naive"}
+    for mode, summary in tiny["summary"].items():
+        missing = [name for name in MODE_FIELDS if name not in summary]
+        assert not missing, f"{mode} lacks {missing}"
+        assert summary["items"] == 6 and summary["failed"] == 0
+        assert summary["items_per_s"] > 0 and summary["peak_rss_mib"] > 0
+        assert summary["latency_p50_ms"] is not None and summary["latency_p95_ms"] is not None
+    assert set(tiny["ratios"]) == {"b_over_a", "b_over_c"}
+    assert all(value is not None for value in tiny["ratios"].values())
+    assert [t["target"].split()[0] for t in tiny["targets"]] == ["b/c", "b/a", "b"]
+
+
+def test_batch_fill_is_read_from_the_committed_shards(report: dict[str, object]) -> None:
+    modes = report["models"]["tiny"]["modes"]  # type: ignore[index]
+    assert modes["naive"]["rows_per_shard"] == 1.0  # one task, one image, one shard
+    streaming = modes["dualstream"]
+    assert streaming["shards"] >= 2  # 6 images, at most 4 a batch
+    assert 0 < streaming["batch_fill"] <= 1.0
+    assert streaming["rows_per_shard"] * streaming["shards"] == pytest.approx(6)
