@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from bench.cli import bench_command
 from producer.cli import COMMANDS
 from producer.event_cli import events
 from schemas.keys import model_slug, queue_name
@@ -17,7 +18,7 @@ def main() -> None:
     """dualstream: embeddings and zero-shot labels for images and texts, from a queue."""
 
 
-for command in [*COMMANDS, events]:
+for command in [*COMMANDS, events, bench_command]:
     main.add_command(command)
 
 
