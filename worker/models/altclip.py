@@ -20,21 +20,21 @@ Embeddings are `get_*_features(...).pooler_output` (projected, not normalised in
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
 
 import torch
 from PIL import Image
 from transformers import AltCLIPModel, AltCLIPProcessor, AutoProcessor
 
-from worker.models.base import TokenizedTexts
-from worker.models.device import normalised_cpu
 from worker.models.loader import load_transformers_model
 from worker.models.spec import ModelSpec
+from worker.models.transformers_features import TransformersFeatures
 
 MAX_TEXT_TOKENS = 77
 
 
-class AltClipEncoder:
+class AltClipEncoder(TransformersFeatures):
+    max_text_tokens = MAX_TEXT_TOKENS
+    text_padding = True
     family = "altclip"
     logit_bias: float | None = None
 
@@ -54,7 +54,6 @@ class AltClipEncoder:
         self.dtype = dtype
         self.embed_dim = int(model.config.projection_dim)
         self.logit_scale = float(model.logit_scale.detach().exp())
-        # The fast tokenizer's truncation/padding settings are shared, mutable state.
         self._tokenizer_lock = threading.Lock()
 
     @classmethod
@@ -66,32 +65,6 @@ class AltClipEncoder:
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         rgb = image if image.mode == "RGB" else image.convert("RGB")
         return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"][0]
-
-    def tokenize(self, texts: Sequence[str]) -> TokenizedTexts:
-        batch = list(texts)
-        with self._tokenizer_lock:
-            lengths = [len(ids) for ids in self.tokenizer(batch, verbose=False)["input_ids"]]
-            encoded = self.tokenizer(
-                batch,
-                padding=True,
-                truncation=True,
-                max_length=MAX_TEXT_TOKENS,
-                return_tensors="pt",
-            )
-        return TokenizedTexts(
-            tensors=dict(encoded), truncated=[n > MAX_TEXT_TOKENS for n in lengths]
-        )
-
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            out = self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))
-        return normalised_cpu(out.pooler_output)
-
-    def encode_texts(self, texts: TokenizedTexts) -> torch.Tensor:
-        inputs = {name: t.to(self.device) for name, t in texts.tensors.items()}
-        with torch.inference_mode():
-            out = self.model.get_text_features(**inputs)
-        return normalised_cpu(out.pooler_output)
 
     def logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         return self.logit_scale * image_embeds @ text_embeds.T

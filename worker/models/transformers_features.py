@@ -1,0 +1,52 @@
+"""What ALIGN and AltCLIP share: tokenizing with truncation flags, and projected features from
+transformers' `get_*_features(...).pooler_output`, normalised on the CPU."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from worker.models.base import TokenizedTexts
+from worker.models.device import normalised_cpu
+
+
+class TransformersFeatures:
+    """Mixin: a subclass sets `max_text_tokens` and `text_padding` (its reference padding)."""
+
+    max_text_tokens: int
+    text_padding: bool | str
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    # The fast tokenizer's truncation/padding settings are shared, mutable state.
+    _tokenizer_lock: threading.Lock
+
+    def tokenize(self, texts: Sequence[str]) -> TokenizedTexts:
+        batch = list(texts)
+        with self._tokenizer_lock:
+            lengths = [len(ids) for ids in self.tokenizer(batch, verbose=False)["input_ids"]]
+            encoded = self.tokenizer(
+                batch,
+                padding=self.text_padding,
+                max_length=self.max_text_tokens,
+                truncation=True,
+                return_tensors="pt",
+            )
+        return TokenizedTexts(
+            tensors=dict(encoded), truncated=[n > self.max_text_tokens for n in lengths]
+        )
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            out = self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))
+        return normalised_cpu(out.pooler_output)
+
+    def encode_texts(self, texts: TokenizedTexts) -> torch.Tensor:
+        inputs = {name: t.to(self.device) for name, t in texts.tensors.items()}
+        with torch.inference_mode():
+            out = self.model.get_text_features(**inputs)
+        return normalised_cpu(out.pooler_output)
