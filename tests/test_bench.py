@@ -8,13 +8,12 @@ quotes. It asserts nothing about speed; throughput is measured by `python -m ben
 from __future__ import annotations
 
 import json
-import os
-import shutil
 
 import pytest
 from click.testing import CliRunner
 
 from bench.cli import bench_command
+from tests.fixtures.services import require
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -28,10 +27,7 @@ SMALL = ("tiny.images=6", "tiny.latency_jobs=2", "tiny.warmup_jobs=2", "tiny.rep
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    if shutil.which("redis-server") is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is required in CI")
-        pytest.skip("redis-server is not installed")
+    require("redis-server")
     tmp_path = tmp_path_factory.mktemp("bench")
     args = ["--models", "tiny", "--workdir", str(tmp_path / "work"),
             "--model-cache", str(tmp_path / "models"), "--json", str(tmp_path / "bench.json")]
