@@ -40,10 +40,28 @@ class Settings(BaseSettings):
     model: str = Field(default="", description="model spec the worker serves (see README)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    channels_last: bool = Field(
+        default=False, description="run the vision tower in channels-last memory format"
+    )
+    compile: bool = Field(
+        default=False, description="torch.compile the vision tower at start-up (slow start)"
+    )
+
+    # Decoding
+    jpeg_draft: bool = Field(
+        default=False, description="decode JPEGs at 1/2-1/8 scale when the model's input is "
+        "smaller (2x less CPU; pixels differ slightly from the reference preprocessing)",
+    )
+    image_decoder: Literal["pil", "torch"] = Field(
+        default="pil", description="pil: Pillow on the prepare threads, exactly as the reference "
+        "libraries; torch: JPEG batches decoded and resized by torchvision on the model's device "
+        "(the GPU's decoder on CUDA); other formats and failures fall back to pil",
+    )
 
     # Batching and concurrency
-    max_batch_items: int = Field(default=32, ge=1)
-    max_batch_wait_ms: int = Field(default=20, ge=0)
+    max_batch_items: int = Field(default=64, ge=1)
+    max_batch_wait_ms: int = Field(default=100, ge=0, description="longest wait for batch-mates "
+                                   "while more items are being prepared; a lone item never waits")
     max_inflight_messages: int = Field(default=16, ge=1, description="unacknowledged messages")
     fetch_threads: int = Field(default=16, ge=1)
     preprocess_threads: int = Field(default=2, ge=1)
