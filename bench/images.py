@@ -21,7 +21,7 @@ QUALITY = 90
 _STAMP = "corpus.json"
 
 
-def _picture(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+def photo_like(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
     import numpy as np
     from PIL import Image, ImageDraw, ImageFilter
 
@@ -58,7 +58,7 @@ def make_corpus(folder: Path, count: int, seed: int = 5,
 
     rng = np.random.default_rng(seed)
     for i, path in enumerate(paths):
-        _picture(rng, sizes[i % len(sizes)]).save(path, format="JPEG", quality=QUALITY)
+        photo_like(rng, sizes[i % len(sizes)]).save(path, format="JPEG", quality=QUALITY)
     stamp.write_text(json.dumps(wanted))
     return paths
 

@@ -21,3 +21,16 @@ def jpeg_bytes(seed: int, size: tuple[int, int] = (640, 480)) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
+
+
+def photo_like_jpegs(count: int = 10, seed: int = 7) -> list[bytes]:
+    """Smooth fields with shapes and mild noise (the benchmark's inputs), 640×480 to 1024×768."""
+    from bench.images import QUALITY, SIZES, photo_like
+
+    rng = np.random.default_rng(seed)
+    jpegs = []
+    for i in range(count):
+        buffer = io.BytesIO()
+        photo_like(rng, SIZES[i % len(SIZES)]).save(buffer, format="JPEG", quality=QUALITY)
+        jpegs.append(buffer.getvalue())
+    return jpegs

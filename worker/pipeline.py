@@ -29,6 +29,7 @@ from schemas.jobs import Job, Task
 from schemas.results import ErrorInfo, JobResult, LabelScore, OutputLocation, Status, Timings
 from schemas.settings import Settings
 from worker.decode import ImageLimits, decode_image
+from worker.draft_size import draft_side
 from worker.models.base import Encoder
 from worker.outputs import OutputRow, ShardWriter
 from worker.results import ResultStore
@@ -83,6 +84,7 @@ class Pipeline:
         self._labels = label_cache or LabelEmbeddingCache()
         self._limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels,
                                    settings.max_image_side)
+        self._draft_side = draft_side(encoder) if settings.jpeg_draft else None
         self._ready: queue.Queue[Item] = queue.Queue(maxsize=settings.max_batch_items * 4)
         self._to_write: queue.Queue[EncodedBatch] = queue.Queue(maxsize=2)
         self._prepare = ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="ds-fetch")
@@ -150,7 +152,7 @@ class Pipeline:
             item.timings.fetch_ms = _ms_since(start)
             with self._cpu_slots:
                 start = time.perf_counter()
-                image = decode_image(blob.data, self._limits)
+                image = decode_image(blob.data, self._limits, draft_side=self._draft_side)
                 item.pixels = self._encoder.preprocess_image(image)
                 item.timings.decode_ms = _ms_since(start)
             self._ready.put(item)

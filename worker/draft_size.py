@@ -1,0 +1,40 @@
+"""How small a JPEG may be decoded for a model: the side its own preprocessing resizes to.
+
+Scaled JPEG decoding (`decode_image(..., draft_side=)`) must never leave the model's resize
+with less than it needs, or the model would see an upscaled picture. The size is read from the
+reference preprocessing itself (open_clip's transform, transformers' image processor), so it
+follows whatever the checkpoint configures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torchvision.transforms import Resize
+
+from worker.models.base import Encoder
+
+
+def draft_side(encoder: Encoder) -> int | None:
+    """The shortest side a decoded image must keep, or None when it cannot be told."""
+    processor = getattr(encoder, "image_processor", None)
+    if processor is not None:
+        return _processor_side(getattr(processor, "size", None))
+    transform = getattr(encoder, "transform", None)
+    steps: Iterable[Any] = getattr(transform, "transforms", ())
+    for step in steps:
+        if isinstance(step, Resize):
+            size = step.size
+            return int(size) if isinstance(size, int) else max(int(s) for s in size)
+    return None
+
+
+def _processor_side(size: Any) -> int | None:
+    if size is None:
+        return None
+    read = size.get if isinstance(size, dict) else lambda name: getattr(size, name, None)
+    if read("shortest_edge"):
+        return int(read("shortest_edge"))
+    sides = [int(side) for side in (read("height"), read("width")) if side]
+    return max(sides) if sides else None
