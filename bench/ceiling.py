@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ class CeilingConfig:
     repeats: int = 1  # throughput runs are best-of; the sweep too
     device: str = "cpu"
     dtype: str = "fp32"
+    settings: dict[str, str] = field(default_factory=dict)  # DUALSTREAM_* fields, as in b and c
 
 
 

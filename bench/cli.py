@@ -44,6 +44,9 @@ def _command_line() -> str:
 @click.option("--set", "overrides", multiple=True, metavar="MODEL.FIELD=VALUE",
               help="override a plan field (see bench/plan.py), e.g. tiny.max_batch_items=64; "
                    "MODEL.worker.NAME=VALUE passes DUALSTREAM_NAME to the worker")
+@click.option("--setting", "settings", multiple=True, metavar="NAME=VALUE",
+              help="a DUALSTREAM_ setting for all three modes (e.g. jpeg_draft=true), so they "
+                   "stay comparable")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu",
               show_default=True)
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
@@ -58,7 +61,8 @@ def _command_line() -> str:
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="write the JSON report here [default WORKDIR/bench.json]")
 def bench_command(models: str, modes: str, images: int | None, vit_images: int | None,
-                  image_sizes: str, overrides: tuple[str, ...], device: str, dtype: str,
+                  image_sizes: str, overrides: tuple[str, ...], settings: tuple[str, ...],
+                  device: str, dtype: str,
                   workdir: Path, profile: str | None, model_cache: Path,
                   json_out: Path | None) -> None:
     """Throughput and latency: ceiling vs dualstream vs naive Celery, tiny and ViT-B/16."""
@@ -76,6 +80,7 @@ def bench_command(models: str, modes: str, images: int | None, vit_images: int |
     options = BenchOptions(
         models=_csv(models, MODELS, "--models"), modes=_csv(modes, MODES, "--modes"),
         plans=plans, workdir=workdir.resolve(), device=device, dtype=dtype,
+        settings=_settings(settings),
         command=_command_line(), profile=profile, model_cache=model_cache,
         image_sizes=parse_sizes(image_sizes))
     report = run_benchmark(options)
@@ -84,3 +89,16 @@ def bench_command(models: str, modes: str, images: int | None, vit_images: int |
     target.write_text(json.dumps(report, indent=2))
     click.echo(render_table(report))
     click.echo(f"\nJSON report: {target}")
+
+
+def _settings(pairs: tuple[str, ...]) -> dict[str, str]:
+    from schemas.settings import Settings
+
+    found = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in Settings.model_fields or not value:
+            raise click.BadParameter(f"{pair!r}: use NAME=VALUE with a field of "
+                                     "schemas/settings.py", param_hint="--setting")
+        found[name] = value
+    return found

@@ -58,6 +58,7 @@ class E2EPlan:
     naive_concurrency: int = 4
     device: str = "cpu"
     dtype: str = "fp32"
+    settings: dict[str, str] = field(default_factory=dict)  # for both modes (and the ceiling)
 
 
 def make_jobs(plan: E2EPlan, phase: str, count: int | None = None) -> list[Job]:
@@ -176,7 +177,7 @@ class EndToEnd:
             "local_root": str(self.plan.image_dir), "output_uri": self.output_dir.as_uri(),
             "device": self.plan.device, "dtype": self.plan.dtype,
             "health_dir": str(self.plan.workdir / f"health-{self.plan.mode}"),
-            "drain_timeout_s": 5, **self.plan.worker_settings,
+            "drain_timeout_s": 5, **self.plan.settings, **self.plan.worker_settings,
         }
         try:
             self.watched = start_watched(

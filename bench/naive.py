@@ -67,6 +67,7 @@ class _State:
 
         from worker.connections import redis_client
         from worker.decode import ImageLimits
+        from worker.draft_size import draft_side
         from worker.models.loader import load_encoder
         from worker.outputs import ShardWriter
         from worker.results import ResultStore
@@ -84,6 +85,7 @@ class _State:
         self.labels = LabelEmbeddingCache()
         self.limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels,
                                   settings.max_image_side)
+        self.draft_side = draft_side(self.encoder) if settings.jpeg_draft else None
 
     def handle(self, job: Job) -> None:
         if self.results.begin([job.job_id])[0]:
@@ -105,7 +107,8 @@ class _State:
         from worker.zeroshot import score
 
         blob = self.reader.read(job.image or "")
-        pixels = self.encoder.preprocess_image(decode_image(blob.data, self.limits))
+        image = decode_image(blob.data, self.limits, draft_side=self.draft_side)
+        pixels = self.encoder.preprocess_image(image)
         embedding = self.encoder.encode_images(pixels.unsqueeze(0))
         labels = (score(self.encoder, embedding, job.zero_shot, self.labels)[0]
                   if job.zero_shot else None)

@@ -15,7 +15,7 @@ import platform
 import subprocess
 import sys
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -44,6 +44,7 @@ class BenchOptions:
     model_cache: Path = DEFAULT_CACHE
     device: str = "cpu"
     dtype: str = "fp32"
+    settings: dict[str, str] = field(default_factory=dict)  # DUALSTREAM_* for every mode
     command: str = ""
     profile: str | None = None
     image_sizes: tuple[Size, ...] = SIZES
@@ -96,7 +97,7 @@ def _ceiling_process(base: E2EPlan, plan: ModelPlan) -> CeilingProcess:
         prepare_threads=plan.ceiling_prepare_threads, torch_threads=plan.ceiling_torch_threads,
         latency_items=min(plan.ceiling_latency_items, plan.images),
         forward_threads=[plan.torch_threads], device=base.device, dtype=base.dtype,
-        repeats=plan.repeats)
+        settings=base.settings, repeats=plan.repeats)
     return CeilingProcess(config, base.workdir, clean_env({}, plan.ceiling_torch_threads))
 
 
@@ -114,7 +115,7 @@ def run_model(name: str, plan: ModelPlan, image_dir: Path, sources: list[str],
                    workdir=options.workdir / name, torch_threads=plan.torch_threads,
                    latency_jobs=plan.latency_jobs, warmup_jobs=plan.warmup_jobs,
                    repeats=plan.repeats, profile=options.profile, device=options.device,
-                   dtype=options.dtype)
+                   dtype=options.dtype, settings=options.settings)
     plans = {
         "dualstream": replace(base, mode="dualstream", per_message=plan.per_message,
                               worker_settings=plan.worker_settings()),
@@ -219,7 +220,7 @@ def run_benchmark(options: BenchOptions) -> dict[str, Any]:
     report: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "command": options.command,
         "machine": machine(), "code": code_version(), "versions": versions(),
-        "device": options.device, "dtype": options.dtype,
+        "device": options.device, "dtype": options.dtype, "settings": options.settings,
         "images": corpus_summary(paths, options.image_sizes), "labels": LABELS,
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()], "models": {},
     }

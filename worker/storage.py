@@ -123,15 +123,17 @@ class SourceReader:
             raise SourceError(f"{path} lies outside the local root {self._root}",
                               code=ErrorCode.SOURCE_NOT_ALLOWED)
         try:
-            self._check_size(path.stat().st_size, str(path))
-            data = path.read_bytes()
+            # One open and one fstat: each blocking call gives up the GIL and must win it back.
+            with path.open("rb") as handle:
+                stat = os.fstat(handle.fileno())
+                self._check_size(stat.st_size, str(path))
+                data = handle.read()
         except FileNotFoundError as exc:
             raise SourceError(f"{path} does not exist", code=ErrorCode.SOURCE_NOT_FOUND) from exc
         except PermissionError as exc:
             raise SourceError(f"{path} is not readable", code=ErrorCode.ACCESS_DENIED) from exc
         except IsADirectoryError as exc:
             raise SourceError(f"{path} is a directory", code=ErrorCode.SOURCE_NOT_FOUND) from exc
-        stat = path.stat()
         return Blob(data, f"{stat.st_mtime_ns:x}-{stat.st_size:x}")
 
     def _check_size(self, size: int, what: str) -> None:

@@ -1,0 +1,79 @@
+"""Local-mode sources: every way a file can be unreadable has its own code, and the etag
+follows the file's content."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from schemas.errors import ErrorCode, SourceError
+from schemas.settings import Settings
+from worker.storage import SourceReader
+
+
+@pytest.fixture
+def reader(tmp_path: Path) -> SourceReader:
+    return SourceReader(Settings(local_root=str(tmp_path / "root"), max_image_bytes=1000))
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    (tmp_path / "root").mkdir()
+    return tmp_path / "root"
+
+
+def code_of(reader: SourceReader, uri: str) -> ErrorCode:
+    with pytest.raises(SourceError) as caught:
+        reader.read(uri)
+    return caught.value.code
+
+
+def test_a_file_under_the_root_is_read_with_an_etag(reader: SourceReader, root: Path) -> None:
+    (root / "a.jpg").write_bytes(b"x" * 10)
+    blob = reader.read(str(root / "a.jpg"))
+    assert blob.data == b"x" * 10
+    assert blob.etag and reader.read((root / "a.jpg").as_uri()).etag == blob.etag
+
+
+def test_the_etag_changes_when_the_file_does(reader: SourceReader, root: Path) -> None:
+    path = root / "a.jpg"
+    path.write_bytes(b"one")
+    before = reader.read(str(path)).etag
+    time.sleep(0.01)
+    path.write_bytes(b"two!")
+    assert reader.read(str(path)).etag != before
+
+
+def test_missing_and_directory_sources_are_not_found(reader: SourceReader, root: Path) -> None:
+    (root / "folder").mkdir()
+    assert code_of(reader, str(root / "missing.jpg")) is ErrorCode.SOURCE_NOT_FOUND
+    assert code_of(reader, str(root / "folder")) is ErrorCode.SOURCE_NOT_FOUND
+
+
+def test_a_file_over_the_byte_limit_is_too_large(reader: SourceReader, root: Path) -> None:
+    (root / "big.jpg").write_bytes(b"x" * 1001)
+    assert code_of(reader, str(root / "big.jpg")) is ErrorCode.SOURCE_TOO_LARGE
+
+
+def test_paths_and_links_out_of_the_root_are_not_allowed(reader: SourceReader, root: Path,
+                                                         tmp_path: Path) -> None:
+    (tmp_path / "secret.jpg").write_bytes(b"x")
+    (root / "link.jpg").symlink_to(tmp_path / "secret.jpg")
+    assert code_of(reader, str(tmp_path / "secret.jpg")) is ErrorCode.SOURCE_NOT_ALLOWED
+    assert code_of(reader, str(root / ".." / "secret.jpg")) is ErrorCode.SOURCE_NOT_ALLOWED
+    assert code_of(reader, str(root / "link.jpg")) is ErrorCode.SOURCE_NOT_ALLOWED
+
+
+def test_an_unreadable_file_is_access_denied(reader: SourceReader, root: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tests run as root here, which reads any file whatever its mode: refuse the open instead.
+    path = root / "locked.jpg"
+    path.write_bytes(b"x")
+
+    def refuse(self: Path, *args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "open", refuse)
+    assert code_of(reader, str(path)) is ErrorCode.ACCESS_DENIED
