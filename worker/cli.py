@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -11,6 +12,9 @@ from producer.cli import COMMANDS
 from producer.event_cli import events
 from schemas.keys import model_slug, queue_name
 from schemas.settings import Settings
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 
 @click.group()
@@ -36,12 +40,28 @@ def worker(model: str | None, concurrency: int | None, loglevel: str) -> None:
     settings = settings.model_copy(update=overrides)
     if not settings.model:
         raise click.UsageError("no model: pass --model or set DUALSTREAM_MODEL")
-    app = create_app(settings)
-    app.worker_main([
+    status = _run_celery(create_app(settings), [
         "worker", "--pool=threads", f"--concurrency={settings.max_inflight_messages}",
         "-Q", queue_name(settings.model), "-n", f"dualstream-{model_slug(settings.model)}@%h",
         f"--loglevel={loglevel}", "--without-gossip", "--without-mingle",
     ])
+    if status:
+        raise SystemExit(status)
+
+
+def _run_celery(app: Celery, argv: list[str]) -> int:
+    """`celery worker ...` for `app`, returning its exit status.
+
+    What `Celery.start` does, minus dropping the status (as `worker_main` does too): a worker
+    whose model does not load must exit non-zero, so Kubernetes sees a crash, not a completion.
+    """
+    from celery.bin.celery import celery as celery_command
+
+    celery_command.params[0].default = app  # the -A option
+    try:
+        return int(celery_command.main(args=argv, standalone_mode=False) or 0)
+    finally:
+        celery_command.params[0].default = None
 
 
 @main.command("tiny-model")

@@ -116,8 +116,7 @@ def _warm_up(sender: Any, **_: Any) -> None:
     """Load the model before the first message arrives, in pools that do not fork.
 
     A worker that cannot build its runtime (a model that does not load, an unusable output
-    location) stops instead of taking messages it could only put back. (Its exit status is 0:
-    Celery 5.7's `worker_main` drops the status the worker sets.)
+    location) stops with exit status 1 instead of taking messages it could only put back.
     """
     from worker.celery_app import app_settings
     from worker.runtime import get_runtime
