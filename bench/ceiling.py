@@ -29,6 +29,7 @@ class CeilingConfig:
     torch_threads: int
     latency_items: int
     forward_threads: list[int]  # also time forward(1) at these torch thread counts
+    worker_batch: int = 1  # also time the bare forward pass at b's batch size
     repeats: int = 1  # throughput runs are best-of; the sweep too
     device: str = "cpu"
     dtype: str = "fp32"

@@ -193,7 +193,7 @@ def serve(config: CeilingConfig, answer: TextIO, commands: TextIO) -> None:
     ceiling.finish([ceiling.prepare(ceiling.jobs[0])])  # warm: label embeddings, first forward
     sizes = sorted(set(config.batch_sizes))
     forward = {str(size): ceiling.forward_ms(size, repeats=5 if size <= 8 else 2)
-               for size in sorted({1, *sizes})}
+               for size in sorted({1, *sizes, config.worker_batch})}
     forward_batch1 = _forward_batch1(ceiling, config)
     latency = [ceiling.latency(config.latency_items)]
     sweep_jobs = ceiling.jobs[:config.sweep_items]

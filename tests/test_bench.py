@@ -30,7 +30,8 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     require("redis-server")
     tmp_path = tmp_path_factory.mktemp("bench")
     args = ["--models", "tiny", "--workdir", str(tmp_path / "work"),
-            "--model-cache", str(tmp_path / "models"), "--json", str(tmp_path / "bench.json")]
+            "--model-cache", str(tmp_path / "models"), "--json", str(tmp_path / "bench.json"),
+            "--setting", "jpeg_draft=true"]
     for override in SMALL:
         args += ["--set", override]
     result = CliRunner().invoke(bench_command, args, catch_exceptions=False)
@@ -53,7 +54,8 @@ def test_every_mode_runs_and_the_report_has_every_field(report: dict[str, object
         assert summary["items"] == 6 and summary["failed"] == 0
         assert summary["items_per_s"] > 0 and summary["peak_rss_mib"] > 0
         assert summary["latency_p50_ms"] is not None and summary["latency_p95_ms"] is not None
-    assert set(tiny["ratios"]) == {"b_over_a", "b_over_c"}
+    assert report["settings"] == {"jpeg_draft": "true"}  # given to all three modes
+    assert set(tiny["ratios"]) == {"b_over_a", "b_over_c", "b_over_bare_forward"}
     assert all(value is not None for value in tiny["ratios"].values())
     assert [t["target"].split()[0] for t in tiny["targets"]] == ["b/c", "b/a", "b"]
 
