@@ -31,7 +31,8 @@ from tests.fixtures.faults import KILL_ON_ENV, celery_message, wait_for, worker_
 from tests.fixtures.services import REPO, worker_env
 from tests.images import jpeg_bytes
 from worker.deadletters import DeadLetterStore
-from worker.runtime import Runtime, SuspectGate
+from worker.runtime import Runtime
+from worker.suspect_gate import SuspectGate
 
 pytestmark = pytest.mark.timeout(300)
 _ = worker_launcher  # a fixture

@@ -22,8 +22,6 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +41,8 @@ from worker.outputs import ShardWriter
 from worker.pipeline import Pipeline
 from worker.results import ResultStore
 from worker.storage import SourceReader, output_store
+from worker.suspect_gate import SuspectGate
+from worker.validation import validation_code, validation_message
 
 log = logging.getLogger(__name__)
 
@@ -74,80 +74,6 @@ class Outcome:
 
 def worker_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
-
-
-class SuspectGate:
-    """Ordinary messages share the pipeline; a suspect message runs alone.
-
-    A suspect is a message whose earlier delivery never finished. While it runs, no other
-    message of this process starts (and those running have finished), so if it kills the
-    process again, only its own delivery count goes up. Waiting suspects go first.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._shared = 0
-        self._exclusive = False
-        self._suspects_waiting = 0
-
-    @contextmanager
-    def enter(self, *, exclusive: bool, timeout: float) -> Iterator[bool]:
-        """Yields whether the gate was entered within `timeout` seconds."""
-        entered = self._acquire(exclusive, timeout)
-        try:
-            yield entered
-        finally:
-            if entered:
-                self._release(exclusive)
-
-    def _acquire(self, exclusive: bool, timeout: float) -> bool:
-        with self._cond:
-            if exclusive:
-                self._suspects_waiting += 1
-                try:
-                    if not self._cond.wait_for(
-                            lambda: not self._exclusive and self._shared == 0, timeout):
-                        return False
-                finally:
-                    self._suspects_waiting -= 1
-                self._exclusive = True
-                return True
-            if not self._cond.wait_for(
-                    lambda: not self._exclusive and self._suspects_waiting == 0, timeout):
-                return False
-            self._shared += 1
-            return True
-
-    def _release(self, exclusive: bool) -> None:
-        with self._cond:
-            if exclusive:
-                self._exclusive = False
-            else:
-                self._shared -= 1
-            self._cond.notify_all()
-
-
-_CODE_MARKERS = {"empty_text:": ErrorCode.EMPTY_TEXT, "empty_labels:": ErrorCode.EMPTY_LABELS}
-
-
-def validation_code(exc: ValidationError) -> ErrorCode:
-    """The most specific stable code for a job that does not validate."""
-    for error in exc.errors(include_url=False):
-        for marker, code in _CODE_MARKERS.items():
-            if marker in error["msg"]:
-                return code
-        loc = error["loc"]
-        if loc[-1:] == ("labels",) and error["type"] == "too_long":
-            return ErrorCode.TOO_MANY_LABELS
-        if "text" in loc:
-            return ErrorCode.INVALID_TEXT
-    return ErrorCode.INVALID_JOB
-
-
-def validation_message(exc: ValidationError) -> str:
-    parts = [f"{'.'.join(str(p) for p in e['loc']) or 'job'}: {e['msg']}"
-             for e in exc.errors(include_url=False)]
-    return "; ".join(parts)[:2000]
 
 
 class Runtime:
