@@ -78,3 +78,18 @@ def parse_sizes(text: str) -> tuple[Size, ...]:
         width, _, height = part.strip().lower().partition("x")
         sizes.append((int(width), int(height)))
     return tuple(sizes)
+
+
+def photo_like_jpegs(count: int = 10, seed: int = 7) -> list[bytes]:
+    """Smooth fields with shapes and mild noise (the benchmark's inputs), 640×480 to 1024×768."""
+    import io
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    jpegs = []
+    for i in range(count):
+        buffer = io.BytesIO()
+        photo_like(rng, SIZES[i % len(SIZES)]).save(buffer, format="JPEG", quality=QUALITY)
+        jpegs.append(buffer.getvalue())
+    return jpegs

@@ -7,6 +7,10 @@ import io
 import numpy as np
 from PIL import Image
 
+from bench.images import photo_like_jpegs
+
+__all__ = ["jpeg_bytes", "photo_like_jpegs"]
+
 
 def jpeg_bytes(seed: int, size: tuple[int, int] = (640, 480)) -> bytes:
     rng = np.random.default_rng(seed)
@@ -22,15 +26,3 @@ def jpeg_bytes(seed: int, size: tuple[int, int] = (640, 480)) -> bytes:
     image.save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
 
-
-def photo_like_jpegs(count: int = 10, seed: int = 7) -> list[bytes]:
-    """Smooth fields with shapes and mild noise (the benchmark's inputs), 640×480 to 1024×768."""
-    from bench.images import QUALITY, SIZES, photo_like
-
-    rng = np.random.default_rng(seed)
-    jpegs = []
-    for i in range(count):
-        buffer = io.BytesIO()
-        photo_like(rng, SIZES[i % len(SIZES)]).save(buffer, format="JPEG", quality=QUALITY)
-        jpegs.append(buffer.getvalue())
-    return jpegs
