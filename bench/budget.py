@@ -5,22 +5,20 @@
 CPU time (`time.process_time`, best of 3 passes) per image for: reading the file, the safe
 decode, the model's preprocessing (resize, crop, to-tensor, normalise, also broken down),
 the forward pass at batch 1 and at a full batch, zero-shot scoring, and writing a shard with
-its claims and results in Redis (at 1 row and at a full batch). Also, for comparison only,
-JPEG decoding with libjpeg's DCT-domain downscaling (Pillow's `draft`), which the worker does
-not do. Run it on a quiet machine: it measures one thread, so others' load matters less than
-for throughput, but not nothing.
+its claims and results in Redis (at 1 row and at a full batch). Also the same decode with
+`jpeg_draft` (libjpeg's DCT-domain downscaling, `decode_image(..., draft_side=)`), an opt-in
+setting of the worker. Run it on a quiet machine: it measures one thread, so others' load
+matters less than for throughput, but not nothing.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -37,17 +35,6 @@ def _cpu_ms(step: Callable[[], object], count: int, passes: int = 3) -> float:
         step()
         best = min(best, time.process_time() - start)
     return 1000 * best / count
-
-
-def _draft_decode(data: bytes, short_side: int = 224) -> Any:
-    from PIL import JpegImagePlugin
-
-    image = JpegImagePlugin.JpegImageFile(io.BytesIO(data))
-    width, height = image.size
-    scale = short_side / min(width, height)
-    image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
-    image.load()
-    return image.convert("RGB")
 
 
 def _write_cost(rows: int, repeats: int) -> float:
@@ -96,6 +83,7 @@ def measure(model: str, paths: Sequence[Path], batch: int, cache: Path) -> dict[
 
     from schemas.jobs import ZeroShotOptions
     from worker.decode import decode_image
+    from worker.draft_size import draft_side
     from worker.models.loader import load_encoder
     from worker.zeroshot import LabelEmbeddingCache, score
 
@@ -113,8 +101,12 @@ def measure(model: str, paths: Sequence[Path], batch: int, cache: Path) -> dict[
     if steps is not None and hasattr(steps, "transforms"):
         resize = steps.transforms[0]
         found["preprocess.resize"] = _cpu_ms(lambda: [resize(i) for i in images], count)
-    found["draft_decode_plus_preprocess (not used)"] = _cpu_ms(
-        lambda: [encoder.preprocess_image(_draft_decode(b)) for b in blobs], count)
+    side = draft_side(encoder)
+    found["jpeg_draft: decode_image"] = _cpu_ms(
+        lambda: [decode_image(b, draft_side=side) for b in blobs], count)
+    found["jpeg_draft: decode_image + preprocess"] = _cpu_ms(
+        lambda: [encoder.preprocess_image(decode_image(b, draft_side=side)) for b in blobs],
+        count)
     pixels = torch.stack([encoder.preprocess_image(i) for i in images[:batch]])
     one = pixels[:1]
     encoder.encode_images(pixels)
