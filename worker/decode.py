@@ -1,6 +1,8 @@
 """Bytes → a safe, fully loaded RGB image, or an `ImageError` with a stable code.
 
-`decode_image(data, limits)` is the only way the worker turns untrusted bytes into pixels.
+`decode_image(data, limits)` is the only way the worker turns untrusted bytes into pixels with
+Pillow. `check_jpeg(data, limits)` runs the same checks on a JPEG without decoding it, for the
+opt-in decoder that hands checked JPEGs to torchvision (`worker/tensor_decode.py`).
 
 Formats
     The format is sniffed from the leading bytes (never from a file name or a content type)
@@ -103,6 +105,15 @@ _TRANSPOSE_FOR_ORIENTATION: Final = {
 
 
 @dataclass(frozen=True)
+class JpegHeader:
+    """What `check_jpeg` read from a JPEG's header: stored size, Pillow's mode, EXIF orientation."""
+
+    size: tuple[int, int]
+    mode: str
+    orientation: int
+
+
+@dataclass(frozen=True)
 class ImageLimits:
     """Bounds on one input. Above Pillow's own ceiling (~179 MP) GIF and WebP stay capped."""
 
@@ -146,6 +157,32 @@ def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, *,
             rgb = rgb.transpose(_TRANSPOSE_FOR_ORIENTATION[orientation])
     rgb.info = {}
     return rgb
+
+
+def check_jpeg(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> JpegHeader:
+    """Every check `decode_image` makes on a JPEG before it decodes a pixel, or `ImageError`.
+
+    The same codes in the same order: the byte limits, the signature, the scan count, then
+    the header (parsed by Pillow's JPEG plugin, which reads markers but no entropy-coded
+    data) and the size limits on the stored size. The orientation is read as `decode_image`
+    reads it (EXIF, or tiff:Orientation in XMP; 1 when the block cannot be parsed).
+    """
+    _check_source(data, limits)
+    if _sniff_format(data) != "JPEG":
+        raise ImageError("not a JPEG", code=ErrorCode.UNSUPPORTED_FORMAT)
+    _check_before_parsing("JPEG", data, limits)
+    with (
+        _pil_errors_as_image_errors("JPEG"),
+        BytesIO(data) as stream,
+        _OPENERS["JPEG"](stream) as image,
+    ):
+        _check_size(image.size, limits)
+        return JpegHeader(image.size, image.mode, _orientation(image))
+
+
+def is_jpeg(data: bytes) -> bool:
+    """Whether `data` starts with a JPEG signature (what `decode_image` sniffs as JPEG)."""
+    return _sniff_format(data) == "JPEG"
 
 
 def _check_source(data: bytes, limits: ImageLimits) -> None:
