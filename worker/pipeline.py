@@ -8,6 +8,14 @@ Each job gets a `Future` that resolves to its `JobResult` once its outputs are d
 or raises a `TransientError` that the caller retries. A permanent failure of one job is a
 `failed` result for that job alone. The CPU work for batch n+1 overlaps the forward pass of
 batch n, and the forward pass of batch n+1 overlaps the writes of batch n.
+
+With `image_decoder="torch"`, the prepare threads only fetch and check a JPEG (the same limits
+and codes as the Pillow path, from its header); its bytes ride the ready queue, and the model
+thread decodes and preprocesses each batch's JPEGs together on the model's device just before
+the forward (`worker/tensor_decode.py`). Other formats, CMYK JPEGs and JPEGs torchvision cannot
+decode take the Pillow path; `jpeg_draft` applies only to images Pillow decodes on the prepare
+threads. With the default, `"pil"`, every image is decoded and preprocessed on the prepare
+threads.
 """
 
 from __future__ import annotations
@@ -28,12 +36,13 @@ from schemas.errors import DualstreamError, ErrorCode, PermanentError, Transient
 from schemas.jobs import Job, Task
 from schemas.results import ErrorInfo, JobResult, LabelScore, OutputLocation, Status, Timings
 from schemas.settings import Settings
-from worker.decode import ImageLimits, decode_image
+from worker.decode import ImageLimits, decode_image, is_jpeg
 from worker.draft_size import draft_side
 from worker.models.base import Encoder
 from worker.outputs import OutputRow, ShardWriter
 from worker.results import ResultStore
 from worker.storage import SourceReader
+from worker.tensor_decode import CheckedJpeg, TensorDecoder, check_for_tensor_decode
 from worker.zeroshot import LabelEmbeddingCache, score
 
 log = logging.getLogger(__name__)
@@ -48,6 +57,7 @@ class Item:
     enqueued_at: float
     etag: str | None = None
     pixels: torch.Tensor | None = None
+    jpeg: CheckedJpeg | None = None  # image_decoder="torch": decoded on the model thread
     timings: Timings = field(default_factory=Timings)
 
 
@@ -85,6 +95,8 @@ class Pipeline:
         self._limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels,
                                    settings.max_image_side)
         self._draft_side = draft_side(encoder) if settings.jpeg_draft else None
+        self._tensor_decoder = (TensorDecoder(encoder, self._limits)
+                                if settings.image_decoder == "torch" else None)
         self._ready: queue.Queue[Item] = queue.Queue(maxsize=settings.max_batch_items * 4)
         self._to_write: queue.Queue[EncodedBatch] = queue.Queue(maxsize=2)
         self._prepare = ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="ds-fetch")
@@ -152,8 +164,7 @@ class Pipeline:
             item.timings.fetch_ms = _ms_since(start)
             with self._cpu_slots:
                 start = time.perf_counter()
-                image = decode_image(blob.data, self._limits, draft_side=self._draft_side)
-                item.pixels = self._encoder.preprocess_image(image)
+                self._decode(item, blob.data)
                 item.timings.decode_ms = _ms_since(start)
             self._ready.put(item)
         except Exception as exc:  # noqa: BLE001 - every failure is routed to the job alone
@@ -161,6 +172,15 @@ class Pipeline:
         finally:
             with self._preparing_lock:
                 self._preparing -= 1
+
+    def _decode(self, item: Item, data: bytes) -> None:
+        """Pixels for the item, or (torch decoder) its checked JPEG for the model thread."""
+        if self._tensor_decoder is not None and is_jpeg(data):
+            item.jpeg = check_for_tensor_decode(data, self._limits)
+            if item.jpeg is not None:
+                return
+        image = decode_image(data, self._limits, draft_side=self._draft_side)
+        item.pixels = self._encoder.preprocess_image(image)
 
     # Stage 2: micro-batch and forward (one thread owns the model) --------------------------
     def _model_loop(self) -> None:
@@ -171,8 +191,8 @@ class Pipeline:
                 continue
             self.stats.forward_calls += 1
             self.stats.batch_sizes.append(len(batch))
-            images = [item for item in batch if item.pixels is not None]
-            texts = [item for item in batch if item.pixels is None]
+            images = [item for item in batch if item.pixels is not None or item.jpeg is not None]
+            texts = [item for item in batch if item.pixels is None and item.jpeg is None]
             for encoded in (self._encode_images(images), self._encode_texts(texts)):
                 if encoded is not None:
                     self._to_write.put(encoded)
@@ -205,10 +225,12 @@ class Pipeline:
             return self._preparing == 0 and self._ready.empty()
 
     def _encode_images(self, items: list[Item]) -> EncodedBatch | None:
+        if self._tensor_decoder is not None:
+            self._decode_on_device(items, self._tensor_decoder)
         if not items:
             return None
         start = time.perf_counter()
-        pixels = torch.stack([item.pixels for item in items if item.pixels is not None])
+        pixels = self._stack(items)
         embeddings = self._forward_isolated(items, pixels, self._encoder.encode_images)
         if embeddings is None:
             return None
@@ -217,6 +239,32 @@ class Pipeline:
         labels = self._zero_shot(items, embeddings)
         self._stamp(items, "encode_ms", _ms_since(start))
         return EncodedBatch(items, embeddings.numpy(), labels, [False] * len(items), "image")
+
+    def _decode_on_device(self, items: list[Item], decoder: TensorDecoder) -> None:
+        """Decode the batch's JPEGs in one call; a JPEG that cannot be decoded fails alone."""
+        pending = [item for item in items if item.jpeg is not None]
+        if not pending:
+            return
+        start = time.perf_counter()
+        try:
+            rows = decoder.pixels([item.jpeg for item in pending if item.jpeg is not None])
+        except Exception as exc:  # noqa: BLE001 - the decoder catches per image; this is a bug
+            rows = [exc] * len(pending)
+        elapsed = _ms_since(start)
+        for item, row in zip(pending, rows, strict=True):
+            item.jpeg = None
+            item.timings.decode_ms += elapsed
+            if isinstance(row, Exception):
+                self._fail(item, row)
+            else:
+                item.pixels = row
+        items[:] = [item for item in items if item.pixels is not None]
+
+    def _stack(self, items: list[Item]) -> torch.Tensor:
+        rows = [item.pixels for item in items if item.pixels is not None]
+        if self._tensor_decoder is not None:  # JPEG rows are on the device, the rest on the CPU
+            rows = [row.to(self._encoder.device) for row in rows]
+        return torch.stack(rows)
 
     def _encode_texts(self, items: list[Item]) -> EncodedBatch | None:
         if not items:
