@@ -43,3 +43,21 @@ def resolve_dtype(name: str) -> torch.dtype:
 def normalised_cpu(features: torch.Tensor) -> torch.Tensor:
     """Any-dtype features on any device → float32, unit-length rows, on the CPU."""
     return F.normalize(features.float(), dim=-1).cpu()
+
+
+def host_to_device(
+    batch: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> torch.Tensor:
+    """An image batch → `device`, then `dtype` and `memory_format` there.
+
+    From the CPU to a GPU the batch is copied from pinned memory without blocking the host
+    thread, and the cast and layout change run on the GPU rather than the CPU. On the CPU
+    nothing is copied that need not be: a float32, contiguous batch comes back as the same
+    tensor, and so does one already on the device in the right dtype and layout.
+    """
+    if batch.device.type == "cpu" and device.type == "cuda":
+        batch = batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device=device, dtype=dtype, memory_format=memory_format)

@@ -24,7 +24,7 @@ from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 from PIL import Image
 
 from worker.models.base import TokenizedTexts
-from worker.models.device import normalised_cpu
+from worker.models.device import host_to_device, normalised_cpu
 from worker.models.spec import ModelSpec
 
 PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -86,8 +86,9 @@ class OpenClipEncoder:
         return TokenizedTexts(tensors={"input_ids": tokens}, truncated=truncated)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        batch = host_to_device(pixels, self.device, self.input_dtype)
         with torch.inference_mode():
-            features = self.model.encode_image(pixels.to(self.device, self.input_dtype))
+            features = self.model.encode_image(batch)
         return normalised_cpu(features)
 
     def encode_texts(self, texts: TokenizedTexts) -> torch.Tensor:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from worker.models.base import TokenizedTexts
-from worker.models.device import normalised_cpu
+from worker.models.device import host_to_device, normalised_cpu
 
 
 class TransformersFeatures:
@@ -41,8 +41,9 @@ class TransformersFeatures:
         )
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        batch = host_to_device(pixels, self.device, self.dtype)
         with torch.inference_mode():
-            out = self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))
+            out = self.model.get_image_features(pixel_values=batch)
         return normalised_cpu(out.pooler_output)
 
     def encode_texts(self, texts: TokenizedTexts) -> torch.Tensor:
