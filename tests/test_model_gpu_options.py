@@ -1,12 +1,42 @@
-"""The host→device copy helper. On the CPU only: the CUDA path (pinned memory, non-blocking
-copies) cannot run here.
+"""The model layer's speed options keep the embeddings: channels-last, torch.compile and the
+host→device copy. All on the CPU: the CUDA path (pinned memory, non-blocking copies)
+cannot run here.
+
+Reference: the fp32, eager, contiguous encoder of the same weights. Embeddings must agree to
+cosine ≥ 0.9999 per row.
 """
 
 from __future__ import annotations
 
-import torch
+import io
+from collections.abc import Iterator
+from typing import Any
 
+import pytest
+import torch
+from PIL import Image
+
+from worker.models import vision
+from worker.models.base import Encoder
 from worker.models.device import host_to_device
+from worker.models.loader import load_encoder
+
+FAMILIES = ["align", "openclip", "altclip"]
+TOWERS = {"align": "vision_model", "openclip": "visual", "altclip": "vision_model"}
+
+
+def _rowwise_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1)
+
+
+def _pixels(encoder: Encoder, images: list[bytes]) -> torch.Tensor:
+    return torch.stack([encoder.preprocess_image(Image.open(io.BytesIO(b)).convert("RGB"))
+                        for b in images])
+
+
+def _tower(encoder: Encoder) -> torch.nn.Module:
+    return getattr(encoder.model, TOWERS[encoder.family])  # type: ignore[attr-defined]
+
 
 # --- host → device ------------------------------------------------------------------------
 
@@ -22,3 +52,83 @@ def test_host_to_device_on_cpu_casts_and_changes_layout_keeping_values() -> None
     assert moved.dtype == torch.bfloat16 and moved.device.type == "cpu"
     assert moved.is_contiguous(memory_format=torch.channels_last) and not moved.is_contiguous()
     assert torch.equal(moved, batch.to(torch.bfloat16))
+
+
+# --- channels-last ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_channels_last_gives_the_default_embeddings(
+    family, tiny_model_dirs, tiny_encoders, sample_images
+) -> None:
+    encoder = load_encoder(tiny_model_dirs[family], device="cpu", channels_last=True)
+    tower = _tower(encoder)
+    seen: list[torch.Tensor] = []
+
+    def record_input(_: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        seen.append(args[0] if args else kwargs["pixel_values"])
+
+    tower.register_forward_pre_hook(record_input, with_kwargs=True)
+    pixels = _pixels(encoder, sample_images)
+    embeds = encoder.encode_images(pixels)
+
+    convolution_weights = [p for p in tower.parameters() if p.dim() == 4]
+    assert convolution_weights
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convolution_weights)
+    assert seen[0].is_contiguous(memory_format=torch.channels_last)
+    assert not seen[0].is_contiguous()
+    reference = tiny_encoders[family].encode_images(pixels)
+    assert _rowwise_cosine(embeds, reference).min() >= 0.9999
+
+
+# --- torch.compile ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def graph_recorder(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[torch.fx.GraphModule]]:
+    """torch.compile with a backend that records each graph and runs it eagerly.
+
+    Dynamo still traces, guards and decides when to recompile, which is what the warm-up is
+    about; only inductor's code generation (tens of seconds per graph here) is left out.
+    """
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(graph: torch.fx.GraphModule, _: list[torch.Tensor]) -> Any:
+        graphs.append(graph)
+        return graph.forward
+
+    monkeypatch.setattr(vision, "COMPILE_BACKEND", record)
+    yield graphs
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compiled_tower_is_compiled_at_load_and_never_again(
+    family, tiny_model_dirs, tiny_encoders, sample_images, graph_recorder
+) -> None:
+    encoder = load_encoder(tiny_model_dirs[family], device="cpu", compile=True)
+    assert len(graph_recorder) == 2, "one graph for a batch of one, one for any other size"
+    pixels = _pixels(encoder, sample_images)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for size in (len(pixels), 3, 1, 2):
+            embeds = encoder.encode_images(pixels[:size])
+            reference = tiny_encoders[family].encode_images(pixels[:size])
+            assert _rowwise_cosine(embeds, reference).min() >= 0.9999
+    assert len(graph_recorder) == 2
+
+
+@pytest.mark.slow
+def test_inductor_compiled_openclip_gives_the_default_embeddings(
+    tiny_model_dirs, tiny_encoders, sample_images
+) -> None:
+    """The real compiler (inductor, CPU code generation): 20-40 s on two shared cores."""
+    try:
+        encoder = load_encoder(tiny_model_dirs["openclip"], device="cpu", compile=True)
+        pixels = _pixels(encoder, sample_images)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for size in (len(pixels), 1):
+                embeds = encoder.encode_images(pixels[:size])
+                reference = tiny_encoders["openclip"].encode_images(pixels[:size])
+                assert _rowwise_cosine(embeds, reference).min() >= 0.9999
+    finally:
+        torch._dynamo.reset()

@@ -30,6 +30,7 @@ from transformers import AlignModel, AlignProcessor, AutoProcessor
 from worker.models.loader import load_transformers_model
 from worker.models.spec import ModelSpec
 from worker.models.transformers_features import TransformersFeatures
+from worker.models.vision import DEFAULT_VISION, VisionOptions, prepare_vision_tower
 
 MAX_TEXT_TOKENS = 64
 
@@ -47,9 +48,12 @@ class AlignEncoder(TransformersFeatures):
         processor: AlignProcessor,
         device: torch.device,
         dtype: torch.dtype,
+        vision: VisionOptions = DEFAULT_VISION,
     ) -> None:
         self.model_id = model_id
         self.model = model.eval()
+        self.vision = vision
+        prepare_vision_tower(model.vision_model, vision)
         self.image_processor = processor.image_processor
         self.tokenizer = processor.tokenizer
         self.device = device
@@ -59,12 +63,18 @@ class AlignEncoder(TransformersFeatures):
         self._tokenizer_lock = threading.Lock()
 
     @classmethod
-    def load(cls, spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> AlignEncoder:
+    def load(
+        cls,
+        spec: ModelSpec,
+        device: torch.device,
+        dtype: torch.dtype,
+        vision: VisionOptions = DEFAULT_VISION,
+    ) -> AlignEncoder:
         model = load_transformers_model(
             AlignModel, spec, "align", device, dtype, attn_implementation="eager"
         )
         processor = AutoProcessor.from_pretrained(spec.source)
-        return cls(spec.spec, model, processor, device, dtype)
+        return cls(spec.spec, model, processor, device, dtype, vision)
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         rgb = image if image.mode == "RGB" else image.convert("RGB")

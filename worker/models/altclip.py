@@ -28,6 +28,7 @@ from transformers import AltCLIPModel, AltCLIPProcessor, AutoProcessor
 from worker.models.loader import load_transformers_model
 from worker.models.spec import ModelSpec
 from worker.models.transformers_features import TransformersFeatures
+from worker.models.vision import DEFAULT_VISION, VisionOptions, prepare_vision_tower
 
 MAX_TEXT_TOKENS = 77
 
@@ -45,9 +46,12 @@ class AltClipEncoder(TransformersFeatures):
         processor: AltCLIPProcessor,
         device: torch.device,
         dtype: torch.dtype,
+        vision: VisionOptions = DEFAULT_VISION,
     ) -> None:
         self.model_id = model_id
         self.model = model.eval()
+        self.vision = vision
+        prepare_vision_tower(model.vision_model, vision)
         self.image_processor = processor.image_processor
         self.tokenizer = processor.tokenizer
         self.device = device
@@ -57,10 +61,16 @@ class AltClipEncoder(TransformersFeatures):
         self._tokenizer_lock = threading.Lock()
 
     @classmethod
-    def load(cls, spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> AltClipEncoder:
+    def load(
+        cls,
+        spec: ModelSpec,
+        device: torch.device,
+        dtype: torch.dtype,
+        vision: VisionOptions = DEFAULT_VISION,
+    ) -> AltClipEncoder:
         model = load_transformers_model(AltCLIPModel, spec, "altclip", device, dtype)
         processor = AutoProcessor.from_pretrained(spec.source)
-        return cls(spec.spec, model, processor, device, dtype)
+        return cls(spec.spec, model, processor, device, dtype, vision)
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         rgb = image if image.mode == "RGB" else image.convert("RGB")

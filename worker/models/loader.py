@@ -18,28 +18,35 @@ from schemas.errors import ModelSpecError
 from worker.models.base import Encoder
 from worker.models.device import resolve_device, resolve_dtype
 from worker.models.spec import Family, ModelSpec, parse_spec
+from worker.models.vision import VisionOptions, warm_up
 
 ModelT = TypeVar("ModelT")
 
-Factory = Callable[[ModelSpec, torch.device, torch.dtype], Encoder]
+Factory = Callable[[ModelSpec, torch.device, torch.dtype, VisionOptions], Encoder]
 
 
-def _align(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> Encoder:
+def _align(
+    spec: ModelSpec, device: torch.device, dtype: torch.dtype, vision: VisionOptions
+) -> Encoder:
     from worker.models.align import AlignEncoder
 
-    return AlignEncoder.load(spec, device, dtype)
+    return AlignEncoder.load(spec, device, dtype, vision)
 
 
-def _openclip(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> Encoder:
+def _openclip(
+    spec: ModelSpec, device: torch.device, dtype: torch.dtype, vision: VisionOptions
+) -> Encoder:
     from worker.models.openclip import OpenClipEncoder
 
-    return OpenClipEncoder.load(spec, device, dtype)
+    return OpenClipEncoder.load(spec, device, dtype, vision)
 
 
-def _altclip(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> Encoder:
+def _altclip(
+    spec: ModelSpec, device: torch.device, dtype: torch.dtype, vision: VisionOptions
+) -> Encoder:
     from worker.models.altclip import AltClipEncoder
 
-    return AltClipEncoder.load(spec, device, dtype)
+    return AltClipEncoder.load(spec, device, dtype, vision)
 
 
 FACTORIES: dict[Family, Factory] = {
@@ -50,20 +57,35 @@ FACTORIES: dict[Family, Factory] = {
 
 
 def load_encoder(
-    spec: str, *, family: str | None = None, device: str = "auto", dtype: str = "fp32"
+    spec: str,
+    *,
+    family: str | None = None,
+    device: str = "auto",
+    dtype: str = "fp32",
+    channels_last: bool = False,
+    compile: bool = False,
 ) -> Encoder:
-    """Load the model `spec` names, on `device` (auto/cpu/cuda), forwarding in `dtype`."""
+    """Load the model `spec` names, on `device` (auto/cpu/cuda), forwarding in `dtype`.
+
+    `channels_last` and `compile` apply to the vision tower (see `vision.py`). A compiled
+    tower is compiled here, before the first job; a compiler failure is raised as it is,
+    not as a spec error: the model is fine, the machine cannot compile it.
+    """
     parsed = parse_spec(spec, family=family)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
+    vision = VisionOptions(channels_last=channels_last, compile=compile)
     try:
-        return FACTORIES[parsed.family](parsed, torch_device, torch_dtype)
+        encoder = FACTORIES[parsed.family](parsed, torch_device, torch_dtype, vision)
     except torch.OutOfMemoryError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise ModelSpecError(
             f"cannot load model {spec!r} as {parsed.family} from {parsed.source!r}: {exc}"
         ) from exc
+    if compile:
+        warm_up(encoder)
+    return encoder
 
 
 def load_transformers_model(

@@ -26,6 +26,7 @@ from PIL import Image
 from worker.models.base import TokenizedTexts
 from worker.models.device import host_to_device, normalised_cpu
 from worker.models.spec import ModelSpec
+from worker.models.vision import DEFAULT_VISION, VisionOptions, prepare_vision_tower
 
 PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # SimpleTokenizer memoises every word it has seen; a long-lived worker must bound that.
@@ -44,9 +45,12 @@ class OpenClipEncoder:
         embed_dim: int,
         device: torch.device,
         dtype: torch.dtype,
+        vision: VisionOptions = DEFAULT_VISION,
     ) -> None:
         self.model_id = model_id
         self.model = model.eval()
+        self.vision = vision
+        prepare_vision_tower(model.visual, vision)
         self.transform = transform
         self.tokenizer = tokenizer
         self.embed_dim = embed_dim
@@ -61,7 +65,13 @@ class OpenClipEncoder:
         self._tokenizer_lock = threading.Lock()
 
     @classmethod
-    def load(cls, spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> OpenClipEncoder:
+    def load(
+        cls,
+        spec: ModelSpec,
+        device: torch.device,
+        dtype: torch.dtype,
+        vision: VisionOptions = DEFAULT_VISION,
+    ) -> OpenClipEncoder:
         model, _, transform = open_clip.create_model_and_transforms(
             spec.source,
             pretrained=spec.pretrained,
@@ -72,7 +82,7 @@ class OpenClipEncoder:
         tokenizer = open_clip.get_tokenizer(spec.source)
         config = open_clip.get_model_config(spec.source) or {}
         embed_dim = int(config.get("embed_dim", 0)) or _probe_embed_dim(model, tokenizer, device)
-        return cls(spec.spec, model, transform, tokenizer, embed_dim, device, dtype)
+        return cls(spec.spec, model, transform, tokenizer, embed_dim, device, dtype, vision)
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         return self.transform(image)
@@ -86,7 +96,7 @@ class OpenClipEncoder:
         return TokenizedTexts(tensors={"input_ids": tokens}, truncated=truncated)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        batch = host_to_device(pixels, self.device, self.input_dtype)
+        batch = host_to_device(pixels, self.device, self.input_dtype, self.vision.memory_format)
         with torch.inference_mode():
             features = self.model.encode_image(batch)
         return normalised_cpu(features)

@@ -11,6 +11,7 @@ import torch
 
 from worker.models.base import TokenizedTexts
 from worker.models.device import host_to_device, normalised_cpu
+from worker.models.vision import VisionOptions
 
 
 class TransformersFeatures:
@@ -22,6 +23,7 @@ class TransformersFeatures:
     tokenizer: Any
     device: torch.device
     dtype: torch.dtype
+    vision: VisionOptions
     # The fast tokenizer's truncation/padding settings are shared, mutable state.
     _tokenizer_lock: threading.Lock
 
@@ -41,7 +43,7 @@ class TransformersFeatures:
         )
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        batch = host_to_device(pixels, self.device, self.dtype)
+        batch = host_to_device(pixels, self.device, self.dtype, self.vision.memory_format)
         with torch.inference_mode():
             out = self.model.get_image_features(pixel_values=batch)
         return normalised_cpu(out.pooler_output)
