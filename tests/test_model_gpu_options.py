@@ -1,9 +1,9 @@
-"""The model layer's speed options keep the embeddings: channels-last, torch.compile and the
-host→device copy. All on the CPU: the CUDA path (pinned memory, non-blocking copies)
+"""The model layer's speed options keep the embeddings: channels-last, torch.compile, fp16/bf16,
+and the host→device copy. All on the CPU: the CUDA path (pinned memory, non-blocking copies)
 cannot run here.
 
 Reference: the fp32, eager, contiguous encoder of the same weights. Embeddings must agree to
-cosine ≥ 0.9999 per row.
+cosine ≥ 0.9999 per row for layout and compilation (same dtype), ≥ 0.999 for half precision.
 """
 
 from __future__ import annotations
@@ -16,13 +16,20 @@ import pytest
 import torch
 from PIL import Image
 
+from schemas.jobs import ZeroShotOptions
 from worker.models import vision
 from worker.models.base import Encoder
 from worker.models.device import host_to_device
 from worker.models.loader import load_encoder
+from worker.zeroshot import LabelEmbeddingCache, score
 
 FAMILIES = ["align", "openclip", "altclip"]
 TOWERS = {"align": "vision_model", "openclip": "visual", "altclip": "vision_model"}
+TEXTS = ["a photo of a cat", "This is a photo of a red square.", "green stripes", "noise"]
+LABELS = ["red", "green stripes", "noise", "a blue circle", "a dark room with a pink band"]
+# Measured on the models below: bf16 moves a probability by up to 0.042 (ALIGN), fp16 by up
+# to 0.0085; no image's best label changes.
+PROBABILITY_TOLERANCE = {"bf16": 0.05, "fp16": 0.01}
 
 
 def _rowwise_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -32,6 +39,13 @@ def _rowwise_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _pixels(encoder: Encoder, images: list[bytes]) -> torch.Tensor:
     return torch.stack([encoder.preprocess_image(Image.open(io.BytesIO(b)).convert("RGB"))
                         for b in images])
+
+
+def _probabilities(encoder: Encoder, image_embeds: torch.Tensor) -> torch.Tensor:
+    options = ZeroShotOptions(labels=LABELS, top_k=len(LABELS))
+    ranked = score(encoder, image_embeds, options, LabelEmbeddingCache())
+    return torch.tensor([[dict((s.label, s.score) for s in row)[label] for label in LABELS]
+                         for row in ranked])
 
 
 def _tower(encoder: Encoder) -> torch.nn.Module:
@@ -132,3 +146,68 @@ def test_inductor_compiled_openclip_gives_the_default_embeddings(
                 assert _rowwise_cosine(embeds, reference).min() >= 0.9999
     finally:
         torch._dynamo.reset()
+
+
+# --- half precision -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def half_precision_model_dirs(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dirs: dict[str, str]
+) -> dict[str, str]:
+    """The tiny models, but ALIGN's and AltCLIP's text towers initialised at 0.5, not 1.0.
+
+    At 1.0 their attention logits run into the hundreds (three in four of ALIGN's attention
+    rows are one-hot), so bf16's 8-bit mantissa changes which token a row attends to: text
+    cosine to fp32 falls to 0.993 (ALIGN) and 0.996 (AltCLIP), a property of that init, not
+    of half precision. At 0.5 labels still stay apart (checked in the test).
+    """
+    from worker.models import tiny
+
+    root = tmp_path_factory.mktemp("half-precision-models")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tiny, "TEXT_INIT_RANGE", 0.5)
+        rebuilt = {family: tiny.build_tiny_model(family, root / family)
+                   for family in ("align", "altclip")}
+    return {"openclip": tiny_model_dirs["openclip"], **rebuilt}
+
+
+@pytest.fixture(scope="module")
+def fp32_encoders(half_precision_model_dirs: dict[str, str]) -> dict[str, Encoder]:
+    return {family: load_encoder(spec, device="cpu")
+            for family, spec in half_precision_model_dirs.items()}
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_half_precision_embeddings_match_fp32(
+    family, dtype, half_precision_model_dirs, fp32_encoders, sample_images
+) -> None:
+    reference = fp32_encoders[family]
+    encoder = load_encoder(half_precision_model_dirs[family], device="cpu", dtype=dtype)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    assert encoder.dtype == half and half in {p.dtype for p in _tower(encoder).parameters()}
+    pixels = _pixels(reference, sample_images)
+    tokens = reference.tokenize(TEXTS)
+
+    image_embeds, text_embeds = encoder.encode_images(pixels), encoder.encode_texts(tokens)
+    assert image_embeds.dtype == text_embeds.dtype == torch.float32
+    assert _rowwise_cosine(image_embeds, reference.encode_images(pixels)).min() >= 0.999
+    reference_texts = reference.encode_texts(tokens)
+    assert _rowwise_cosine(text_embeds, reference_texts).min() >= 0.999
+    similarities = reference_texts @ reference_texts.T
+    assert similarities.fill_diagonal_(0).max() < 0.9, "the texts collapsed to one point"
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_half_precision_zero_shot_probabilities_stay_close(
+    family, dtype, half_precision_model_dirs, fp32_encoders, sample_images
+) -> None:
+    reference = fp32_encoders[family]
+    encoder = load_encoder(half_precision_model_dirs[family], device="cpu", dtype=dtype)
+    pixels = _pixels(reference, sample_images)
+    expected = _probabilities(reference, reference.encode_images(pixels))
+    ours = _probabilities(encoder, encoder.encode_images(pixels))
+    assert (ours - expected).abs().max() <= PROBABILITY_TOLERANCE[dtype]
+    assert torch.equal(ours.argmax(dim=-1), expected.argmax(dim=-1))
