@@ -76,7 +76,10 @@ class _State:
 
         settings = self.settings
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-        self.encoder = load_encoder(settings.model, device=settings.device, dtype=settings.dtype)
+        self.encoder = load_encoder(
+            settings.model, device=settings.device, dtype=settings.dtype,
+            channels_last=settings.channels_last, compile=settings.compile,
+        )
         self.results = ResultStore(redis_client(settings), RedisKeys(settings.key_prefix),
                                    settings.result_ttl_s)
         self.writer = ShardWriter(output_store(settings), self.results,

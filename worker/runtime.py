@@ -81,7 +81,10 @@ class Runtime:
         if encoder is None:
             from worker.models.loader import load_encoder
 
-            encoder = load_encoder(settings.model, device=settings.device, dtype=settings.dtype)
+            encoder = load_encoder(
+                settings.model, device=settings.device, dtype=settings.dtype,
+                channels_last=settings.channels_last, compile=settings.compile,
+            )
         self.settings = settings
         self.encoder = encoder
         self.redis = redis_client(settings)
