@@ -25,6 +25,9 @@ What comes out
     (embedding cosine ≥ 0.9999 against the Pillow path). nvJPEG on a GPU may round its
     inverse DCT and chroma upsampling differently from libjpeg-turbo.
 
+torchvision 0.29 deprecates its image decoders in favour of TorchCodec (a DeprecationWarning,
+ignored by default); TorchCodec's nvJPEG decoder is the place to move to once it is pinned here.
+
 Decoded frames are held only one chunk at a time: a chunk holds at most
 `DECODE_CHUNK_PIXELS` stored pixels (or one image), so a batch of large photos never puts all
 its full-size frames on the device at once.
@@ -94,6 +97,11 @@ class TensorDecoder:
     def _decode(self, jpegs: list[CheckedJpeg]) -> list[torch.Tensor | None]:
         """Upright uint8 RGB [3, H, W] per JPEG, None where torchvision could not decode it."""
         encoded = [torch.frombuffer(bytearray(jpeg.data), dtype=torch.uint8) for jpeg in jpegs]
+        if self._device.type == "cuda":
+            # torchvision allocates the output on the current stream but has nvJPEG write it
+            # from its own stream without waiting: memory just freed here (the previous
+            # chunk's frames) may still be read by queued kernels (pytorch/vision PR 9606).
+            torch.cuda.current_stream(self._device).synchronize()
         try:
             images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self._device)
         except Exception:  # noqa: BLE001 - one bad stream fails the call; find which
