@@ -157,10 +157,10 @@ def half_precision_model_dirs(
 ) -> dict[str, str]:
     """The tiny models, but ALIGN's and AltCLIP's text towers initialised at 0.5, not 1.0.
 
-    At 1.0 their attention logits run into the hundreds (three in four of ALIGN's attention
-    rows are one-hot), so bf16's 8-bit mantissa changes which token a row attends to: text
-    cosine to fp32 falls to 0.993 (ALIGN) and 0.996 (AltCLIP), a property of that init, not
-    of half precision. At 0.5 labels still stay apart (checked in the test).
+    At 1.0 attention is close to one-hot (three in four of ALIGN's attention rows put over
+    99 % on one token), so bf16's 8-bit mantissa can move a row to another token: text cosine
+    to fp32 falls to 0.993 (ALIGN) and 0.996 (AltCLIP), a property of that init, not of half
+    precision. At 0.5 labels still stay apart (checked in the test).
     """
     from worker.models import tiny
 
