@@ -33,7 +33,7 @@ class CeilingConfig:
     repeats: int = 1  # throughput runs are best-of; the sweep too
     device: str = "cpu"
     dtype: str = "fp32"
-    settings: dict[str, str] = field(default_factory=dict)  # DUALSTREAM_* fields, as in b and c
+    settings: dict[str, Any] = field(default_factory=dict)  # DUALSTREAM_* fields, as in b and c
 
 
 

@@ -76,9 +76,17 @@ def _images_to_pixels(encoder: Any, jpegs: list[bytes], variant: Variant) -> tor
     from worker.draft_size import draft_side
 
     if variant.image_decoder == "torch":
-        from worker.tensor_decode import decode_and_preprocess
+        from worker.decode import DEFAULT_LIMITS
+        from worker.tensor_decode import TensorDecoder, check_for_tensor_decode
 
-        return decode_and_preprocess(encoder, jpegs)
+        checked = [check_for_tensor_decode(data, DEFAULT_LIMITS) for data in jpegs]
+        if any(jpeg is None for jpeg in checked):
+            raise RuntimeError("a benchmark JPEG would take the Pillow path")
+        rows = TensorDecoder(encoder, DEFAULT_LIMITS).pixels([j for j in checked if j])
+        failed = [row for row in rows if isinstance(row, Exception)]
+        if failed:
+            raise RuntimeError(f"{len(failed)} JPEGs failed to decode: {failed[0]}")
+        return torch.stack([row for row in rows if isinstance(row, torch.Tensor)])
     side = draft_side(encoder) if variant.jpeg_draft else None
     return torch.stack([encoder.preprocess_image(decode_image(data, draft_side=side))
                         for data in jpegs])

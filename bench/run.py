@@ -153,9 +153,10 @@ def run_model(name: str, plan: ModelPlan, image_dir: Path, sources: list[str],
         modes = {"ceiling": ceiling.report()} if ceiling is not None else {}
         modes.update({mode: runner.report(passes[mode]) for mode, runner in e2e.items()})
     summary = {mode: summarize(result) for mode in MODES if (result := modes.get(mode))}
-    found = {**ratios(summary), "b_over_bare_forward": over_bare_forward(plan, modes, summary)}
+    overall: dict[str, float | None] = {
+        **ratios(summary), "b_over_bare_forward": over_bare_forward(plan, modes, summary)}
     return {"spec": spec, "plan": asdict(plan), "modes": modes, "summary": summary,
-            "rounds": rounds, "ratios": found,
+            "rounds": rounds, "ratios": overall,
             "targets": targets(name, plan, modes, summary, options.device)}
 
 
@@ -200,7 +201,8 @@ def targets(name: str, plan: ModelPlan, modes: dict[str, dict[str, Any]],
     """The issue's targets: (1) tiny: b ≥ 10 c, b ≥ 0.7 a; (2) ViT-B/16: b ≥ 0.95 a; and at
     light load p50 ≤ max batch wait + one forward pass + 25 ms. On a GPU, ViT-B/16 also: b at
     ≥ 5,000 images/s and ≥ 0.8 of the bare forward pass at the same batch size."""
-    found = {**ratios(summary), "b_over_bare_forward": over_bare_forward(plan, modes, summary)}
+    found: dict[str, float | None] = {
+        **ratios(summary), "b_over_bare_forward": over_bare_forward(plan, modes, summary)}
     checks: list[dict[str, Any]] = []
 
     def check(what: str, value: float | None, limit: float | None, at_most: bool) -> None:

@@ -212,13 +212,15 @@ def test_a_corrupt_jpeg_in_a_batch_fails_alone(tiny_encoders: dict[str, Any]) ->
 
 
 def run_pipeline(redis_url: str, folder: Path, encoder: Any, paths: list[Path],
-                 decoder: str, **overrides: Any) -> tuple[list[JobResult], Pipeline]:
+                 decoder: str, device_batches: bool | None = None,
+                 **overrides: Any) -> tuple[list[JobResult], Pipeline]:
     settings = Settings(redis_url=redis_url, model=encoder.model_id, image_decoder=decoder,
                         output_uri=(folder / f"out-{decoder}").as_uri(), local_root=str(folder),
                         key_prefix=f"tensor-{decoder}", **overrides)
     results = ResultStore(redis.Redis.from_url(redis_url), RedisKeys(settings.key_prefix), 3600)
     writer = ShardWriter(LocalOutputStore(settings.output_uri), results, worker="t", lease_s=30)
-    pipeline = Pipeline(settings, encoder, SourceReader(settings), writer, results)
+    pipeline = Pipeline(settings, encoder, SourceReader(settings), writer, results,
+                        device_batches=device_batches)
     try:
         jobs = [Job(task=Task.IMAGE_EMBEDDING, image=str(path), model=encoder.model_id,
                     return_embedding=True) for path in paths]
@@ -251,10 +253,13 @@ def mixed_images() -> dict[str, bytes]:
     return images
 
 
+# device_batches=True is the route a model on a GPU takes (JPEGs decoded in batches on the
+# model thread); False is a CPU model's (each JPEG decoded on a prepare thread).
+@pytest.mark.parametrize("device_batches", [True, False], ids=["device-batches", "prepare"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_torch_decoder_pipeline_gives_the_pil_pipelines_embeddings(
     redis_url: str, tmp_path: Path, tiny_encoders: dict[str, Any], family: str,
-    monkeypatch: pytest.MonkeyPatch
+    device_batches: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     encoder = tiny_encoders[family]
     paths = write(tmp_path, mixed_images())
@@ -269,17 +274,20 @@ def test_a_torch_decoder_pipeline_gives_the_pil_pipelines_embeddings(
     embeddings = {}
     for decoder in ("pil", "torch"):
         done, pipeline = run_pipeline(redis_url, tmp_path, encoder, paths, decoder,
-                                      max_batch_items=16, max_batch_wait_ms=500)
+                                      device_batches, max_batch_items=16,
+                                      max_batch_wait_ms=500)
         assert [r.status for r in done] == [Status.DONE] * len(paths), [r.error for r in done]
         assert pipeline.stats.forward_calls < len(paths)  # JPEGs and the rest batched together
         embeddings[decoder] = np.array([result.embedding for result in done])
     assert sum(on_device) == 8  # the photos, gray.jpg and rotated.jpg; not cmyk.jpg
+    assert max(on_device) > 1 if device_batches else max(on_device) == 1
     cosines = (embeddings["pil"] * embeddings["torch"]).sum(axis=1)
     assert cosines.min() >= MIN_COSINE, dict(zip([p.name for p in paths], cosines, strict=True))
 
 
+@pytest.mark.parametrize("device_batches", [True, False], ids=["device-batches", "prepare"])
 def test_a_torch_decoder_pipeline_fails_each_bad_image_alone_with_its_code(
-    redis_url: str, tmp_path: Path, tiny_encoders: dict[str, Any]
+    redis_url: str, tmp_path: Path, tiny_encoders: dict[str, Any], device_batches: bool
 ) -> None:
     encoder = tiny_encoders["openclip"]
     bad = {f"bad{i:02d}-{name}.jpg": data for i, (name, data, _) in enumerate(bad_image_corpus())}
@@ -287,7 +295,8 @@ def test_a_torch_decoder_pipeline_fails_each_bad_image_alone_with_its_code(
     codes = [*(code for _, _, code in bad_image_corpus()), ErrorCode.CORRUPT_IMAGE.value]
     good = {f"photo{i}.jpg": data for i, data in enumerate(photo_like_jpegs(4))}
     paths = [*write(tmp_path, good | bad), tmp_path / "missing.jpg"]
-    results, _ = run_pipeline(redis_url, tmp_path, encoder, paths, "torch", max_batch_items=16)
+    results, _ = run_pipeline(redis_url, tmp_path, encoder, paths, "torch", device_batches,
+                              max_batch_items=16)
     assert all(result.status is Status.DONE for result in results[: len(good)])
     for path, result, code in zip(paths[len(good):], results[len(good):],
                                   [*codes, ErrorCode.SOURCE_NOT_FOUND.value], strict=True):

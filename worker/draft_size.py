@@ -34,7 +34,8 @@ def _processor_side(size: Any) -> int | None:
     if size is None:
         return None
     read = size.get if isinstance(size, dict) else lambda name: getattr(size, name, None)
-    if read("shortest_edge"):
-        return int(read("shortest_edge"))
+    shortest = read("shortest_edge")
+    if shortest:
+        return int(shortest)
     sides = [int(side) for side in (read("height"), read("width")) if side]
     return max(sides) if sides else None

@@ -9,13 +9,14 @@ or raises a `TransientError` that the caller retries. A permanent failure of one
 `failed` result for that job alone. The CPU work for batch n+1 overlaps the forward pass of
 batch n, and the forward pass of batch n+1 overlaps the writes of batch n.
 
-With `image_decoder="torch"`, the prepare threads only fetch and check a JPEG (the same limits
-and codes as the Pillow path, from its header); its bytes ride the ready queue, and the model
-thread decodes and preprocesses each batch's JPEGs together on the model's device just before
-the forward (`worker/tensor_decode.py`). Other formats, CMYK JPEGs and JPEGs torchvision cannot
-decode take the Pillow path; `jpeg_draft` applies only to images Pillow decodes on the prepare
-threads. With the default, `"pil"`, every image is decoded and preprocessed on the prepare
-threads.
+With `image_decoder="torch"`, JPEGs are decoded by torchvision and preprocessed as tensors
+(`worker/tensor_decode.py`). For a model on a GPU the prepare threads only fetch and check a
+JPEG (the same limits and codes as the Pillow path, from its header); its bytes ride the ready
+queue, and the model thread decodes and preprocesses each batch's JPEGs together on the GPU just
+before the forward. For a model on the CPU each JPEG is decoded that way on the prepare threads,
+where the cores are. Other formats, CMYK JPEGs and JPEGs torchvision cannot decode take the
+Pillow path; `jpeg_draft` applies only to images Pillow decodes. With the default, `"pil"`,
+every image is decoded and preprocessed by Pillow on the prepare threads.
 """
 
 from __future__ import annotations
@@ -85,7 +86,10 @@ def _ms_since(start: float) -> float:
 class Pipeline:
     def __init__(self, settings: Settings, encoder: Encoder, reader: SourceReader,
                  writer: ShardWriter, results: ResultStore,
-                 label_cache: LabelEmbeddingCache | None = None) -> None:
+                 label_cache: LabelEmbeddingCache | None = None, *,
+                 device_batches: bool | None = None) -> None:
+        """`device_batches`: with the torch decoder, decode each batch's JPEGs on the model
+        thread (default: when the model is not on the CPU)."""
         self._settings = settings
         self._encoder = encoder
         self._reader = reader
@@ -97,6 +101,8 @@ class Pipeline:
         self._draft_side = draft_side(encoder) if settings.jpeg_draft else None
         self._tensor_decoder = (TensorDecoder(encoder, self._limits)
                                 if settings.image_decoder == "torch" else None)
+        self._device_batches = (torch.device(encoder.device).type != "cpu"
+                                if device_batches is None else device_batches)
         self._ready: queue.Queue[Item] = queue.Queue(maxsize=settings.max_batch_items * 4)
         self._to_write: queue.Queue[EncodedBatch] = queue.Queue(maxsize=2)
         self._prepare = ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="ds-fetch")
@@ -174,13 +180,19 @@ class Pipeline:
                 self._preparing -= 1
 
     def _decode(self, item: Item, data: bytes) -> None:
-        """Pixels for the item, or (torch decoder) its checked JPEG for the model thread."""
-        if self._tensor_decoder is not None and is_jpeg(data):
-            item.jpeg = check_for_tensor_decode(data, self._limits)
-            if item.jpeg is not None:
-                return
-        image = decode_image(data, self._limits, draft_side=self._draft_side)
-        item.pixels = self._encoder.preprocess_image(image)
+        """The item's pixels; or, when JPEGs are decoded in device batches, its checked JPEG."""
+        decoder = self._tensor_decoder
+        jpeg = check_for_tensor_decode(data, self._limits) if decoder and is_jpeg(data) else None
+        if decoder is None or jpeg is None:
+            image = decode_image(data, self._limits, draft_side=self._draft_side)
+            item.pixels = self._encoder.preprocess_image(image)
+        elif self._device_batches:
+            item.jpeg = jpeg
+        else:
+            row = decoder.pixels([jpeg])[0]
+            if isinstance(row, Exception):
+                raise row
+            item.pixels = row
 
     # Stage 2: micro-batch and forward (one thread owns the model) --------------------------
     def _model_loop(self) -> None:
