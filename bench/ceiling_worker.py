@@ -42,10 +42,9 @@ from bench.procs import CpuWindow
 from schemas.jobs import Job
 from schemas.keys import ShardPaths
 from schemas.settings import Settings
-from worker.decode import ImageLimits, decode_image
-from worker.draft_size import draft_side
 from worker.models.base import Encoder
 from worker.models.loader import load_encoder
+from worker.prepare import ImagePreparer
 from worker.storage import LocalOutputStore, SourceReader
 from worker.zeroshot import LabelEmbeddingCache, score
 
@@ -62,22 +61,18 @@ class Ceiling:
         self.config = config
         settings = Settings(_env_file=None, local_root=config.image_dir,  # type: ignore[call-arg]
                             output_uri=Path(config.output_dir).as_uri(), **config.settings)
-        self.limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels,
-                                  settings.max_image_side)
         self.reader = SourceReader(settings)
         self.store = LocalOutputStore(settings.output_uri)
         self.encoder: Encoder = load_encoder(config.spec, device=config.device,
                                              dtype=config.dtype)
-        self.draft_side = draft_side(self.encoder) if settings.jpeg_draft else None
+        self.images = ImagePreparer(settings, self.encoder, device_batches=False)
         self.labels = LabelEmbeddingCache()
         self.jobs = [Job.model_validate(raw) for raw in config.jobs]
 
     # One item's stages ---------------------------------------------------------------------
     def prepare(self, job: Job) -> Prepared:
         blob = self.reader.read(job.image or "")
-        image = decode_image(blob.data, self.limits, draft_side=self.draft_side)
-        pixels = self.encoder.preprocess_image(image)
-        return Prepared(job, pixels, blob.etag)
+        return Prepared(job, self.images.pixels(blob.data), blob.etag)
 
     def finish(self, batch: Sequence[Prepared]) -> None:
         """Forward, score and write one shard."""

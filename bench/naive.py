@@ -66,10 +66,9 @@ class _State:
         import torch
 
         from worker.connections import redis_client
-        from worker.decode import ImageLimits
-        from worker.draft_size import draft_side
         from worker.models.loader import load_encoder
         from worker.outputs import ShardWriter
+        from worker.prepare import ImagePreparer
         from worker.results import ResultStore
         from worker.storage import SourceReader, output_store
         from worker.zeroshot import LabelEmbeddingCache
@@ -86,9 +85,7 @@ class _State:
                                   worker=f"naive-{os.getpid()}", lease_s=settings.claim_lease_s)
         self.reader = SourceReader(settings)
         self.labels = LabelEmbeddingCache()
-        self.limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels,
-                                  settings.max_image_side)
-        self.draft_side = draft_side(self.encoder) if settings.jpeg_draft else None
+        self.images = ImagePreparer(settings, self.encoder, device_batches=False)
 
     def handle(self, job: Job) -> None:
         if self.results.begin([job.job_id])[0]:
@@ -105,13 +102,11 @@ class _State:
         self.results.put_many([result], clear_claims=True)
 
     def _run(self, job: Job, timings: Timings) -> JobResult:
-        from worker.decode import decode_image
         from worker.outputs import OutputRow
         from worker.zeroshot import score
 
         blob = self.reader.read(job.image or "")
-        image = decode_image(blob.data, self.limits, draft_side=self.draft_side)
-        pixels = self.encoder.preprocess_image(image)
+        pixels = self.images.pixels(blob.data)
         embedding = self.encoder.encode_images(pixels.unsqueeze(0))
         labels = (score(self.encoder, embedding, job.zero_shot, self.labels)[0]
                   if job.zero_shot else None)

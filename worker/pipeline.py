@@ -37,13 +37,12 @@ from schemas.errors import DualstreamError, ErrorCode, PermanentError, Transient
 from schemas.jobs import Job, Task
 from schemas.results import ErrorInfo, JobResult, LabelScore, OutputLocation, Status, Timings
 from schemas.settings import Settings
-from worker.decode import ImageLimits, decode_image, is_jpeg
-from worker.draft_size import draft_side
 from worker.models.base import Encoder
 from worker.outputs import OutputRow, ShardWriter
+from worker.prepare import ImagePreparer
 from worker.results import ResultStore
 from worker.storage import SourceReader
-from worker.tensor_decode import CheckedJpeg, TensorDecoder, check_for_tensor_decode
+from worker.tensor_decode import CheckedJpeg, TensorDecoder
 from worker.zeroshot import LabelEmbeddingCache, score
 
 log = logging.getLogger(__name__)
@@ -96,13 +95,7 @@ class Pipeline:
         self._writer = writer
         self._results = results
         self._labels = label_cache or LabelEmbeddingCache()
-        self._limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels,
-                                   settings.max_image_side)
-        self._draft_side = draft_side(encoder) if settings.jpeg_draft else None
-        self._tensor_decoder = (TensorDecoder(encoder, self._limits)
-                                if settings.image_decoder == "torch" else None)
-        self._device_batches = (torch.device(encoder.device).type != "cpu"
-                                if device_batches is None else device_batches)
+        self._images = ImagePreparer(settings, encoder, device_batches=device_batches)
         self._ready: queue.Queue[Item] = queue.Queue(maxsize=settings.max_batch_items * 4)
         self._to_write: queue.Queue[EncodedBatch] = queue.Queue(maxsize=2)
         self._prepare = ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="ds-fetch")
@@ -180,19 +173,11 @@ class Pipeline:
                 self._preparing -= 1
 
     def _decode(self, item: Item, data: bytes) -> None:
-        """The item's pixels; or, when JPEGs are decoded in device batches, its checked JPEG."""
-        decoder = self._tensor_decoder
-        jpeg = check_for_tensor_decode(data, self._limits) if decoder and is_jpeg(data) else None
-        if decoder is None or jpeg is None:
-            image = decode_image(data, self._limits, draft_side=self._draft_side)
-            item.pixels = self._encoder.preprocess_image(image)
-        elif self._device_batches:
-            item.jpeg = jpeg
+        prepared = self._images.prepare(data)
+        if isinstance(prepared, CheckedJpeg):
+            item.jpeg = prepared  # decoded with its batch on the model thread
         else:
-            row = decoder.pixels([jpeg])[0]
-            if isinstance(row, Exception):
-                raise row
-            item.pixels = row
+            item.pixels = prepared
 
     # Stage 2: micro-batch and forward (one thread owns the model) --------------------------
     def _model_loop(self) -> None:
@@ -237,8 +222,8 @@ class Pipeline:
             return self._preparing == 0 and self._ready.empty()
 
     def _encode_images(self, items: list[Item]) -> EncodedBatch | None:
-        if self._tensor_decoder is not None:
-            self._decode_on_device(items, self._tensor_decoder)
+        if self._images.tensor_decoder is not None:
+            self._decode_on_device(items, self._images.tensor_decoder)
         if not items:
             return None
         start = time.perf_counter()
@@ -274,7 +259,7 @@ class Pipeline:
 
     def _stack(self, items: list[Item]) -> torch.Tensor:
         rows = [item.pixels for item in items if item.pixels is not None]
-        if self._tensor_decoder is not None:  # JPEG rows are on the device, the rest on the CPU
+        if self._images.device_batches:  # JPEG rows are on the device, the rest on the CPU
             rows = [row.to(self._encoder.device) for row in rows]
         return torch.stack(rows)
 

@@ -1,0 +1,55 @@
+"""One image's bytes → model input, the way the settings ask: Pillow (the reference libraries'
+own path), Pillow with scaled JPEG decoding (`jpeg_draft`), or torchvision (`image_decoder`).
+
+With the torch decoder and a model on a GPU, a JPEG is only checked here and handed on as a
+`CheckedJpeg`: the model thread decodes each batch's JPEGs together on the device
+(`TensorDecoder`). Everywhere else the result is the model input itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from schemas.settings import Settings
+from worker.decode import ImageLimits, decode_image, is_jpeg
+from worker.draft_size import draft_side
+from worker.models.base import Encoder
+from worker.tensor_decode import CheckedJpeg, TensorDecoder, check_for_tensor_decode
+
+
+class ImagePreparer:
+    def __init__(self, settings: Settings, encoder: Encoder, *,
+                 device_batches: bool | None = None) -> None:
+        """`device_batches`: leave checked JPEGs to be decoded in batches on the device
+        (torch decoder only; default: when the model is not on the CPU)."""
+        self._encoder = encoder
+        self.limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels,
+                                  settings.max_image_side)
+        self._draft_side = draft_side(encoder) if settings.jpeg_draft else None
+        self.tensor_decoder = (TensorDecoder(encoder, self.limits)
+                               if settings.image_decoder == "torch" else None)
+        on_gpu = torch.device(encoder.device).type != "cpu"
+        self.device_batches = self.tensor_decoder is not None and (
+            on_gpu if device_batches is None else device_batches)
+
+    def prepare(self, data: bytes) -> torch.Tensor | CheckedJpeg:
+        """Model input [3, H, W]; or, with device batches, the JPEG checked for the device.
+        Raises `ImageError` (or the encoder's own error) for an image that cannot be used."""
+        decoder = self.tensor_decoder
+        jpeg = check_for_tensor_decode(data, self.limits) if decoder and is_jpeg(data) else None
+        if decoder is None or jpeg is None:
+            image = decode_image(data, self.limits, draft_side=self._draft_side)
+            return self._encoder.preprocess_image(image)
+        if self.device_batches:
+            return jpeg
+        row = decoder.pixels([jpeg])[0]
+        if isinstance(row, Exception):
+            raise row
+        return row
+
+    def pixels(self, data: bytes) -> torch.Tensor:
+        """Model input for one image, never deferred (for callers without a batching stage)."""
+        prepared = self.prepare(data)
+        if isinstance(prepared, CheckedJpeg):
+            raise TypeError("pixels() needs an ImagePreparer without device batches")
+        return prepared
