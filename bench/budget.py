@@ -6,8 +6,9 @@ CPU time (`time.process_time`, best of 3 passes) per image for: reading the file
 decode, the model's preprocessing (resize, crop, to-tensor, normalise, also broken down),
 the forward pass at batch 1 and at a full batch, zero-shot scoring, and writing a shard with
 its claims and results in Redis (at 1 row and at a full batch). Also the same decode with
-`jpeg_draft` (libjpeg's DCT-domain downscaling, `decode_image(..., draft_side=)`), an opt-in
-setting of the worker. Run it on a quiet machine: it measures one thread, so others' load
+`jpeg_draft` (libjpeg's DCT-domain downscaling, `decode_image(..., draft_side=)`), and with
+`image_decoder=torch` (torchvision's decoder and tensor resize, one image at a time), both
+opt-in settings of the worker. Run it on a quiet machine: it measures one thread, so others' load
 matters less than for throughput, but not nothing.
 """
 
@@ -82,9 +83,11 @@ def measure(model: str, paths: Sequence[Path], batch: int, cache: Path) -> dict[
     import torch
 
     from schemas.jobs import ZeroShotOptions
+    from schemas.settings import Settings
     from worker.decode import decode_image
     from worker.draft_size import draft_side
     from worker.models.loader import load_encoder
+    from worker.prepare import ImagePreparer
     from worker.zeroshot import LabelEmbeddingCache, score
 
     torch.set_num_threads(1)
@@ -107,6 +110,9 @@ def measure(model: str, paths: Sequence[Path], batch: int, cache: Path) -> dict[
     found["jpeg_draft: decode_image + preprocess"] = _cpu_ms(
         lambda: [encoder.preprocess_image(decode_image(b, draft_side=side)) for b in blobs],
         count)
+    torch_images = ImagePreparer(Settings(image_decoder="torch"), encoder, device_batches=False)
+    found["image_decoder=torch: check + decode + preprocess"] = _cpu_ms(
+        lambda: [torch_images.pixels(b) for b in blobs], count)
     pixels = torch.stack([encoder.preprocess_image(i) for i in images[:batch]])
     one = pixels[:1]
     encoder.encode_images(pixels)
