@@ -216,7 +216,8 @@ def dlq_replay(letter_ids: tuple[str, ...], replay_all: bool) -> None:
     """Re-submit dead letters' jobs to their model's queue, then remove them from the store.
 
     Jobs that have finished since are not re-sent. A message quarantined for killing its
-    workers goes through the same checks again, so replay it once its cause is fixed.
+    workers goes through the same checks again, so replay it once its cause is fixed. Named
+    letters are replayed all or none; `--all` skips (and names) those that cannot be replayed.
     """
     store = _dead_letters()
     if replay_all:
@@ -226,9 +227,16 @@ def dlq_replay(letter_ids: tuple[str, ...], replay_all: bool) -> None:
         missing = [i for i, letter in zip(letter_ids, letters, strict=True) if letter is None]
         if missing or not letters:
             raise click.ClickException(f"no dead letter {', '.join(missing) or '(none given)'}")
-    messages = [_replayable_message(letter) for letter in letters]
+    ready = []
+    for letter in letters:
+        try:
+            ready.append((letter, _replayable_message(letter)))
+        except click.ClickException as exc:
+            if not replay_all:
+                raise
+            click.echo(f"skipped {letter.id}: {exc.message}", err=True)
     client = _client()
-    for letter, message in zip(letters, messages, strict=True):
+    for letter, message in ready:
         ids = client.submit_many(message.jobs, per_message=len(message.jobs),
                                  run_id=message.run_id)
         store.remove(letter.id)
