@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
+import torch
 
-from schemas.errors import ErrorCode
+from schemas.errors import ErrorCode, TransientError
 from schemas.jobs import Job, Task, ZeroShotOptions
 from schemas.keys import RedisKeys
 from schemas.results import Status
@@ -163,3 +164,36 @@ def test_a_done_job_submitted_again_is_not_recomputed(make_pipeline: Any, tmp_pa
     second = pipeline.submit([job])[0].result(60)
     assert second.output == first.output and pipeline.stats.forward_calls == calls
     assert len(list((tmp_path / "out").rglob("*.json"))) == 1
+
+
+@pytest.mark.parametrize(("error", "retried"), [
+    (torch.OutOfMemoryError("CUDA out of memory"), True),
+    (RuntimeError("a bug while scoring"), False),
+])
+def test_a_batch_that_fails_outside_the_forward_fails_its_jobs_not_the_pipeline(
+    make_pipeline: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    error: Exception, retried: bool
+) -> None:
+    pipeline, settings = make_pipeline()
+    first, second = write_images(tmp_path, 2)
+    stack = Pipeline._stack
+    calls = []
+
+    def failing_once(self: Pipeline, items: list[Any]) -> torch.Tensor:
+        calls.append(len(items))
+        if len(calls) == 1:
+            raise error
+        return stack(self, items)
+
+    monkeypatch.setattr(Pipeline, "_stack", failing_once)
+    future = pipeline.submit([image_job(first, settings.model)])[0]
+    if retried:
+        with pytest.raises(TransientError):
+            future.result(60)
+    else:
+        result = future.result(60)
+        assert result.status is Status.FAILED and result.error is not None
+        assert result.error.code is ErrorCode.INTERNAL
+    assert pipeline.healthy
+    assert pipeline.submit([image_job(second, settings.model)])[0].result(60).status \
+        is Status.DONE

@@ -3,8 +3,9 @@ follows the file's content."""
 
 from __future__ import annotations
 
-import time
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,9 +41,10 @@ def test_a_file_under_the_root_is_read_with_an_etag(reader: SourceReader, root: 
 def test_the_etag_changes_when_the_file_does(reader: SourceReader, root: Path) -> None:
     path = root / "a.jpg"
     path.write_bytes(b"one")
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))
     before = reader.read(str(path)).etag
-    time.sleep(0.01)
-    path.write_bytes(b"two!")
+    path.write_bytes(b"two")  # the same size: only the modification time tells them apart
+    os.utime(path, ns=(2_000_000_000, 2_000_000_000))
     assert reader.read(str(path)).etag != before
 
 
@@ -71,9 +73,34 @@ def test_an_unreadable_file_is_access_denied(reader: SourceReader, root: Path,
     # Tests run as root here, which reads any file whatever its mode: refuse the open instead.
     path = root / "locked.jpg"
     path.write_bytes(b"x")
+    real_open = os.open
 
-    def refuse(self: Path, *args: object, **kwargs: object) -> None:
-        raise PermissionError(13, "Permission denied", str(self))
+    def refuse(name: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if Path(name) == path:
+            raise PermissionError(13, "Permission denied", str(name))
+        return real_open(name, flags, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "open", refuse)
+    monkeypatch.setattr(os, "open", refuse)
     assert code_of(reader, str(path)) is ErrorCode.ACCESS_DENIED
+
+
+def test_a_fifo_under_the_root_is_refused_without_blocking(
+    reader: SourceReader, root: Path
+) -> None:
+    os.mkfifo(root / "pipe.jpg")  # opening it for reading would block until a writer came
+    assert code_of(reader, str(root / "pipe.jpg")) is ErrorCode.SOURCE_NOT_FOUND
+
+
+def test_a_file_that_grows_past_the_limit_after_the_check_is_still_too_large(
+    reader: SourceReader, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = root / "growing.jpg"
+    path.write_bytes(b"x" * 1500)
+    real_fstat = os.fstat
+
+    def stale_fstat(fd: int) -> os.stat_result:  # the size as it was before the file grew
+        found = real_fstat(fd)
+        return os.stat_result((*found[:6], 10, *found[7:]))
+
+    monkeypatch.setattr(os, "fstat", stale_fstat)
+    assert code_of(reader, str(path)) is ErrorCode.SOURCE_TOO_LARGE

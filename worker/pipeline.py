@@ -190,9 +190,26 @@ class Pipeline:
             self.stats.batch_sizes.append(len(batch))
             images = [item for item in batch if item.pixels is not None or item.jpeg is not None]
             texts = [item for item in batch if item.pixels is None and item.jpeg is None]
-            for encoded in (self._encode_images(images), self._encode_texts(texts)):
+            for encode, items in ((self._encode_images, images), (self._encode_texts, texts)):
+                encoded = self._encode_batch(encode, items)
                 if encoded is not None:
                     self._to_write.put(encoded)
+
+    def _encode_batch(self, encode: Callable[[list[Item]], EncodedBatch | None],
+                      items: list[Item]) -> EncodedBatch | None:
+        """Encode one batch; anything that escapes fails that batch's jobs, never the stage
+        (out of device memory is transient: those jobs are retried)."""
+        try:
+            return encode(items)
+        except torch.OutOfMemoryError as exc:
+            failure: Exception = TransientError(f"out of device memory: {exc}",
+                                                code=ErrorCode.INTERNAL)
+        except Exception as exc:  # logged, then routed to the batch's jobs below
+            log.exception("encoding a batch of %d failed", len(items))
+            failure = exc
+        for item in items:
+            self._fail(item, failure)
+        return None
 
     def _collect(self) -> list[Item]:
         """Up to `max_batch_items`, waiting at most `max_batch_wait_ms` after the first item,
@@ -243,10 +260,7 @@ class Pipeline:
         if not pending:
             return
         start = time.perf_counter()
-        try:
-            rows = decoder.pixels([item.jpeg for item in pending if item.jpeg is not None])
-        except Exception as exc:  # noqa: BLE001 - the decoder catches per image; this is a bug
-            rows = [exc] * len(pending)
+        rows = decoder.pixels([item.jpeg for item in pending if item.jpeg is not None])
         elapsed = _ms_since(start)
         for item, row in zip(pending, rows, strict=True):
             item.jpeg = None
@@ -258,8 +272,10 @@ class Pipeline:
         items[:] = [item for item in items if item.pixels is not None]
 
     def _stack(self, items: list[Item]) -> torch.Tensor:
+        """One batch; rows decoded on the device and rows from Pillow (on the CPU) meet on the
+        device, while an all-CPU batch stays on the CPU for one pinned copy in the encoder."""
         rows = [item.pixels for item in items if item.pixels is not None]
-        if self._images.device_batches:  # JPEG rows are on the device, the rest on the CPU
+        if any(row.device != rows[0].device for row in rows):
             rows = [row.to(self._encoder.device) for row in rows]
         return torch.stack(rows)
 

@@ -26,11 +26,14 @@ class ImagePreparer:
         self.limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels,
                                   settings.max_image_side)
         self._draft_side = draft_side(encoder) if settings.jpeg_draft else None
-        self.tensor_decoder = (TensorDecoder(encoder, self.limits)
-                               if settings.image_decoder == "torch" else None)
         on_gpu = torch.device(encoder.device).type != "cpu"
-        self.device_batches = self.tensor_decoder is not None and (
+        self.device_batches = settings.image_decoder == "torch" and (
             on_gpu if device_batches is None else device_batches)
+        # One JPEG at a time on a prepare thread is decoded on the CPU, even for a GPU model:
+        # per-image GPU decodes would queue behind the forward pass.
+        decode_on = torch.device(encoder.device) if self.device_batches else torch.device("cpu")
+        self.tensor_decoder = (TensorDecoder(encoder, self.limits, decode_on)
+                               if settings.image_decoder == "torch" else None)
 
     def prepare(self, data: bytes) -> torch.Tensor | CheckedJpeg:
         """Model input [3, H, W]; or, with device batches, the JPEG checked for the device.

@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISDIR, S_ISREG
 from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 
@@ -122,18 +123,27 @@ class SourceReader:
         if not path.is_relative_to(self._root):
             raise SourceError(f"{path} lies outside the local root {self._root}",
                               code=ErrorCode.SOURCE_NOT_ALLOWED)
+        limit = self._settings.max_image_bytes
         try:
-            # One open and one fstat: each blocking call gives up the GIL and must win it back.
-            with path.open("rb") as handle:
-                stat = os.fstat(handle.fileno())
-                self._check_size(stat.st_size, str(path))
-                data = handle.read()
+            # One open and one fstat (each blocking call gives up the GIL and must win it
+            # back). Non-blocking, so a FIFO under the root cannot hang a prepare thread.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError as exc:
             raise SourceError(f"{path} does not exist", code=ErrorCode.SOURCE_NOT_FOUND) from exc
         except PermissionError as exc:
             raise SourceError(f"{path} is not readable", code=ErrorCode.ACCESS_DENIED) from exc
-        except IsADirectoryError as exc:
-            raise SourceError(f"{path} is a directory", code=ErrorCode.SOURCE_NOT_FOUND) from exc
+        try:
+            stat = os.fstat(fd)
+            if not S_ISREG(stat.st_mode):
+                kind = "a directory" if S_ISDIR(stat.st_mode) else "not a regular file"
+                raise SourceError(f"{path} is {kind}", code=ErrorCode.SOURCE_NOT_FOUND)
+            self._check_size(stat.st_size, str(path))
+        except BaseException:
+            os.close(fd)
+            raise
+        with os.fdopen(fd, "rb") as handle:
+            data = handle.read(limit + 1)  # the file may have grown since the fstat
+        self._check_size(len(data), str(path))
         return Blob(data, f"{stat.st_mtime_ns:x}-{stat.st_size:x}")
 
     def _check_size(self, size: int, what: str) -> None:

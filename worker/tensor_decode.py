@@ -43,6 +43,7 @@ from typing import Final
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from schemas.errors import ErrorCode, TransientError
 from worker.decode import ImageLimits, JpegHeader, check_jpeg, decode_image
 from worker.models.base import Encoder
 from worker.tensor_preprocess import tensor_preprocess
@@ -70,10 +71,12 @@ def check_for_tensor_decode(data: bytes, limits: ImageLimits) -> CheckedJpeg | N
 class TensorDecoder:
     """Checked JPEGs → model input rows on the encoder's device, or each one's failure."""
 
-    def __init__(self, encoder: Encoder, limits: ImageLimits) -> None:
+    def __init__(self, encoder: Encoder, limits: ImageLimits,
+                 device: torch.device | None = None) -> None:
+        """Decodes on `device` (default: the encoder's)."""
         self._encoder = encoder
         self._limits = limits
-        self._device = torch.device(encoder.device)
+        self._device = torch.device(encoder.device) if device is None else device
         self._preprocess = tensor_preprocess(encoder)
 
     def pixels(self, jpegs: Sequence[CheckedJpeg]) -> list[torch.Tensor | Exception]:
@@ -119,6 +122,8 @@ class TensorDecoder:
         try:
             image = decode_image(data, self._limits)
             return self._encoder.preprocess_image(image).to(self._device)
+        except torch.OutOfMemoryError as exc:
+            return TransientError(f"out of device memory: {exc}", code=ErrorCode.INTERNAL)
         except Exception as exc:  # noqa: BLE001 - returned, to fail this job alone
             return exc
 
