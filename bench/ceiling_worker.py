@@ -46,13 +46,14 @@ from worker.models.base import Encoder
 from worker.models.loader import load_encoder
 from worker.prepare import ImagePreparer
 from worker.storage import LocalOutputStore, SourceReader
+from worker.tensor_decode import CheckedJpeg
 from worker.zeroshot import LabelEmbeddingCache, score
 
 
 @dataclass
 class Prepared:
     job: Job
-    pixels: torch.Tensor
+    pixels: torch.Tensor | CheckedJpeg  # a JPEG left for the batch's decode on the GPU
     etag: str | None
 
 
@@ -63,30 +64,47 @@ class Ceiling:
                             output_uri=Path(config.output_dir).as_uri(), **config.settings)
         self.reader = SourceReader(settings)
         self.store = LocalOutputStore(settings.output_uri)
-        self.encoder: Encoder = load_encoder(config.spec, device=config.device,
-                                             dtype=config.dtype)
-        self.images = ImagePreparer(settings, self.encoder, device_batches=False)
+        self.encoder: Encoder = load_encoder(
+            config.spec, device=config.device, dtype=config.dtype,
+            channels_last=settings.channels_last, compile=settings.compile)
+        self.images = ImagePreparer(settings, self.encoder)  # decodes as the worker would
         self.labels = LabelEmbeddingCache()
         self.jobs = [Job.model_validate(raw) for raw in config.jobs]
 
     # One item's stages ---------------------------------------------------------------------
     def prepare(self, job: Job) -> Prepared:
         blob = self.reader.read(job.image or "")
-        return Prepared(job, self.images.pixels(blob.data), blob.etag)
+        return Prepared(job, self.images.prepare(blob.data), blob.etag)
 
     def finish(self, batch: Sequence[Prepared]) -> None:
         """Forward, score and write one shard."""
-        embeddings = self.encoder.encode_images(torch.stack([p.pixels for p in batch]))
+        embeddings = self.encoder.encode_images(self.pixels(batch))
         options = batch[0].job.zero_shot
         labels = (score(self.encoder, embeddings, options, self.labels) if options
                   else [None] * len(batch))
         write_shard(self.store, batch, embeddings.numpy(), labels)
 
+    def pixels(self, batch: Sequence[Prepared]) -> torch.Tensor:
+        """The batch's model input; JPEGs left for the device are decoded together, as the
+        worker's model thread does."""
+        rows = [p.pixels for p in batch]
+        deferred = {i: row for i, row in enumerate(rows) if isinstance(row, CheckedJpeg)}
+        if deferred and self.images.tensor_decoder is not None:
+            decoded = self.images.tensor_decoder.pixels(list(deferred.values()))
+            for i, row in zip(deferred, decoded, strict=True):
+                if isinstance(row, Exception):
+                    raise row
+                rows[i] = row
+        tensors = [row for row in rows if isinstance(row, torch.Tensor)]
+        if any(row.device != tensors[0].device for row in tensors):
+            tensors = [row.to(self.encoder.device) for row in tensors]
+        return torch.stack(tensors)
+
     # Measurements ------------------------------------------------------------------------
     def forward_ms(self, batch_size: int, repeats: int = 5) -> float:
         """Fastest of `repeats` forward passes of a batch of `batch_size`, after a warm-up
         pass (the fastest, not the median: the machine may be shared)."""
-        pixels = torch.stack([self.prepare(job).pixels for job in self.jobs[:batch_size]])
+        pixels = self.pixels([self.prepare(job) for job in self.jobs[:batch_size]])
         self.encoder.encode_images(pixels)
         times = []
         for _ in range(repeats):

@@ -33,10 +33,11 @@ from tests.images import jpeg_bytes, photo_like_jpegs
 from worker.decode import DEFAULT_LIMITS, check_jpeg, decode_image
 from worker.outputs import ShardWriter
 from worker.pipeline import Pipeline
+from worker.prepare import ImagePreparer
 from worker.results import ResultStore
 from worker.storage import LocalOutputStore, SourceReader
 from worker.tensor_decode import CheckedJpeg, TensorDecoder, check_for_tensor_decode
-from worker.tensor_preprocess import tensor_preprocess
+from worker.tensor_preprocess import _with_processor, _with_steps, tensor_preprocess
 
 FAMILIES = ("align", "openclip", "altclip")
 MIN_COSINE = 0.9999
@@ -176,12 +177,29 @@ def test_every_bad_jpeg_fails_with_the_code_pillow_gives_it(tiny_encoders: dict[
         assert isinstance(failure, ImageError) and failure.code == code, (name, failure)
 
 
-def test_the_checks_run_before_torchvision_sees_a_bomb() -> None:
+@pytest.mark.parametrize("device_batches", [True, False], ids=["device-batches", "prepare"])
+def test_the_checks_run_before_torchvision_sees_a_bomb(
+    tiny_encoders: dict[str, Any], monkeypatch: pytest.MonkeyPatch, device_batches: bool
+) -> None:
+    def never(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("torchvision was handed an image that fails the checks")
+
+    monkeypatch.setattr(worker.tensor_decode, "decode_jpeg", never)
     bomb = next(data for name, data, _ in bad_image_corpus()
                 if name == "jpeg_claims_30000x30000")
+    preparer = ImagePreparer(Settings(image_decoder="torch"), tiny_encoders["openclip"],
+                             device_batches=device_batches)
     with pytest.raises(ImageError) as caught:
-        check_for_tensor_decode(bomb, DEFAULT_LIMITS)
+        preparer.prepare(bomb)
     assert caught.value.code == ErrorCode.IMAGE_TOO_LARGE
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_tiny_models_get_the_tensor_preprocessing_not_the_pil_fallback(
+    tiny_encoders: dict[str, Any], family: str
+) -> None:
+    preprocess = tensor_preprocess(tiny_encoders[family])
+    assert getattr(preprocess, "func", None) in (_with_processor, _with_steps)
 
 
 def test_check_jpeg_reads_the_stored_size_mode_and_orientation() -> None:
@@ -302,3 +320,23 @@ def test_a_torch_decoder_pipeline_fails_each_bad_image_alone_with_its_code(
                                   [*codes, ErrorCode.SOURCE_NOT_FOUND.value], strict=True):
         assert result.status is Status.FAILED, path.name
         assert result.error is not None and result.error.code == code, (path.name, result.error)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (nvJPEG)")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_on_a_gpu_the_torch_decoder_pipeline_matches_pil_in_fp16(
+    redis_url: str, tmp_path: Path, tiny_model_dirs: dict[str, str], family: str
+) -> None:
+    from worker.models.loader import load_encoder
+
+    encoder = load_encoder(tiny_model_dirs[family], device="cuda", dtype="fp16",
+                           channels_last=True)
+    paths = write(tmp_path, mixed_images())
+    embeddings = {}
+    for decoder in ("pil", "torch"):
+        done, _ = run_pipeline(redis_url, tmp_path, encoder, paths, decoder,
+                               max_batch_items=16, max_batch_wait_ms=500)
+        assert [r.status for r in done] == [Status.DONE] * len(paths), [r.error for r in done]
+        embeddings[decoder] = np.array([result.embedding for result in done])
+    cosines = (embeddings["pil"] * embeddings["torch"]).sum(axis=1)
+    assert cosines.min() >= 0.999, dict(zip([p.name for p in paths], cosines, strict=True))

@@ -15,8 +15,9 @@ JPEG (the same limits and codes as the Pillow path, from its header); its bytes 
 queue, and the model thread decodes and preprocesses each batch's JPEGs together on the GPU just
 before the forward. For a model on the CPU each JPEG is decoded that way on the prepare threads,
 where the cores are. Other formats, CMYK JPEGs and JPEGs torchvision cannot decode take the
-Pillow path; `jpeg_draft` applies only to images Pillow decodes. With the default, `"pil"`,
-every image is decoded and preprocessed by Pillow on the prepare threads.
+Pillow path; `jpeg_draft` applies only to what Pillow decodes on the prepare threads (a JPEG
+torchvision failed on is decoded in full). With the default, `"pil"`, every image is decoded
+and preprocessed by Pillow on the prepare threads.
 """
 
 from __future__ import annotations
@@ -260,7 +261,7 @@ class Pipeline:
         if not pending:
             return
         start = time.perf_counter()
-        rows = decoder.pixels([item.jpeg for item in pending if item.jpeg is not None])
+        rows = decoder.pixels([jpeg for item in pending if (jpeg := item.jpeg) is not None])
         elapsed = _ms_since(start)
         for item, row in zip(pending, rows, strict=True):
             item.jpeg = None

@@ -15,8 +15,8 @@ What goes which way
       code the Pillow decoder gives them.
     - The orientation is the one Pillow reads (EXIF, or tiff:Orientation in XMP, which
       torchvision's own EXIF handling does not read), applied with tensor flips/transposes.
-    - `jpeg_draft` (Pillow's scaled decoding) applies to the Pillow path only: JPEGs decoded
-      here are decoded whole, then resized by the model's preprocessing.
+    - `jpeg_draft` (Pillow's scaled decoding) does not apply here: JPEGs decoded here, and
+      those handed back to Pillow after torchvision failed on them, are decoded whole.
 
 What comes out
     On the CPU, torchvision's and Pillow's libjpeg-turbo decode the same pixels. ALIGN and
