@@ -6,6 +6,7 @@ code with the device set to cuda, where torchvision decodes with nvJPEG.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -282,13 +283,13 @@ def test_a_torch_decoder_pipeline_gives_the_pil_pipelines_embeddings(
     encoder = tiny_encoders[family]
     paths = write(tmp_path, mixed_images())
     on_device: list[int] = []
-    pixels = TensorDecoder.pixels
+    try_pixels = TensorDecoder.try_pixels
 
-    def counted(self: TensorDecoder, jpegs: list[CheckedJpeg]) -> list[torch.Tensor | Exception]:
+    def counted(self: TensorDecoder, jpegs: list[CheckedJpeg]) -> list[torch.Tensor | None]:
         on_device.append(len(jpegs))
-        return pixels(self, jpegs)
+        return try_pixels(self, jpegs)
 
-    monkeypatch.setattr(TensorDecoder, "pixels", counted)
+    monkeypatch.setattr(TensorDecoder, "try_pixels", counted)
     embeddings = {}
     for decoder in ("pil", "torch"):
         done, pipeline = run_pipeline(redis_url, tmp_path, encoder, paths, decoder,
@@ -340,3 +341,36 @@ def test_on_a_gpu_the_torch_decoder_pipeline_matches_pil_in_fp16(
         embeddings[decoder] = np.array([result.embedding for result in done])
     cosines = (embeddings["pil"] * embeddings["torch"]).sum(axis=1)
     assert cosines.min() >= 0.999, dict(zip([p.name for p in paths], cosines, strict=True))
+
+
+def test_a_jpeg_torchvision_rejects_is_decoded_by_pillow_on_a_prepare_thread(
+    redis_url: str, tmp_path: Path, tiny_encoders: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    photos = photo_like_jpegs(4)
+    rejected = photos[2]
+    real_decode = worker.tensor_decode.decode_jpeg
+
+    def picky(data: Any, *args: Any, **kwargs: Any) -> Any:
+        streams = data if isinstance(data, list) else [data]
+        if any(bytes(stream.numpy()) == rejected for stream in streams):
+            raise RuntimeError("nvJPEG: unsupported stream")  # as a GPU decoder might
+        return real_decode(data, *args, **kwargs)
+
+    pillow_threads: list[str] = []
+    with_pillow = ImagePreparer.with_pillow
+
+    def recorded(self: ImagePreparer, data: bytes) -> torch.Tensor:
+        pillow_threads.append(threading.current_thread().name)
+        return with_pillow(self, data)
+
+    monkeypatch.setattr(worker.tensor_decode, "decode_jpeg", picky)
+    monkeypatch.setattr(ImagePreparer, "with_pillow", recorded)
+    encoder = tiny_encoders["openclip"]
+    paths = write(tmp_path, {f"photo{i}.jpg": data for i, data in enumerate(photos)})
+    results, _ = run_pipeline(redis_url, tmp_path, encoder, paths, "torch", True,
+                              max_batch_items=8, max_batch_wait_ms=300)
+    assert [r.status for r in results] == [Status.DONE] * 4, [r.error for r in results]
+    assert len(pillow_threads) == 1 and pillow_threads[0].startswith("ds-fetch")
+    exact = pillow_embedding(encoder, rejected).numpy()
+    assert np.allclose(results[2].embedding, exact, atol=1e-6)

@@ -131,9 +131,7 @@ class Pipeline:
             elif job.task is Task.TEXT_EMBEDDING:
                 self._ready.put(item)
             else:
-                with self._preparing_lock:
-                    self._preparing += 1
-                self._prepare.submit(self._prepare_image, item)
+                self._start_preparing(item)
         return futures
 
     @property
@@ -156,29 +154,41 @@ class Pipeline:
             thread.join(max(0.0, deadline - time.monotonic()) + 1)
 
     # Stage 1: fetch, decode, preprocess (many threads; CPU work bounded by a semaphore) ---
-    def _prepare_image(self, item: Item) -> None:
+    def _start_preparing(self, item: Item, undecoded: bytes | None = None) -> None:
+        """Fetch and prepare the item on the pool; or, given `undecoded` (a JPEG torchvision
+        could not decode), have Pillow decode it."""
+        with self._preparing_lock:
+            self._preparing += 1
         try:
-            start = time.perf_counter()
-            blob = self._reader.read(item.job.image or "")
-            item.etag = item.job.etag or blob.etag
-            item.timings.fetch_ms = _ms_since(start)
+            self._prepare.submit(self._prepare_image, item, undecoded)
+        except RuntimeError:  # the pool is shut down: the pipeline is closing
+            with self._preparing_lock:
+                self._preparing -= 1
+            self._fail(item, TransientError("the pipeline is closing", code=ErrorCode.INTERNAL))
+
+    def _prepare_image(self, item: Item, undecoded: bytes | None) -> None:
+        try:
+            prepare: Callable[[bytes], torch.Tensor | CheckedJpeg] = self._images.with_pillow
+            if undecoded is None:
+                start = time.perf_counter()
+                blob = self._reader.read(item.job.image or "")
+                item.etag = item.job.etag or blob.etag
+                item.timings.fetch_ms = _ms_since(start)
+                prepare, undecoded = self._images.prepare, blob.data
             with self._cpu_slots:
                 start = time.perf_counter()
-                self._decode(item, blob.data)
-                item.timings.decode_ms = _ms_since(start)
+                prepared = prepare(undecoded)
+                item.timings.decode_ms += _ms_since(start)
+            if isinstance(prepared, CheckedJpeg):
+                item.jpeg = prepared  # decoded with its batch on the model thread
+            else:
+                item.pixels = prepared
             self._ready.put(item)
         except Exception as exc:  # noqa: BLE001 - every failure is routed to the job alone
             self._fail(item, exc)
         finally:
             with self._preparing_lock:
                 self._preparing -= 1
-
-    def _decode(self, item: Item, data: bytes) -> None:
-        prepared = self._images.prepare(data)
-        if isinstance(prepared, CheckedJpeg):
-            item.jpeg = prepared  # decoded with its batch on the model thread
-        else:
-            item.pixels = prepared
 
     # Stage 2: micro-batch and forward (one thread owns the model) --------------------------
     def _model_loop(self) -> None:
@@ -256,18 +266,20 @@ class Pipeline:
         return EncodedBatch(items, embeddings.numpy(), labels, [False] * len(items), "image")
 
     def _decode_on_device(self, items: list[Item], decoder: TensorDecoder) -> None:
-        """Decode the batch's JPEGs in one call; a JPEG that cannot be decoded fails alone."""
-        pending = [item for item in items if item.jpeg is not None]
+        """Decode the batch's JPEGs in one call. One that torchvision cannot decode goes back
+        to the prepare threads for Pillow (which decides its fate) and joins a later batch:
+        Pillow on the model thread would hold up the device."""
+        pending = [(item, jpeg) for item in items if (jpeg := item.jpeg) is not None]
         if not pending:
             return
         start = time.perf_counter()
-        rows = decoder.pixels([jpeg for item in pending if (jpeg := item.jpeg) is not None])
+        rows = decoder.try_pixels([jpeg for _, jpeg in pending])
         elapsed = _ms_since(start)
-        for item, row in zip(pending, rows, strict=True):
+        for (item, jpeg), row in zip(pending, rows, strict=True):
             item.jpeg = None
             item.timings.decode_ms += elapsed
-            if isinstance(row, Exception):
-                self._fail(item, row)
+            if row is None:
+                self._start_preparing(item, jpeg.data)
             else:
                 item.pixels = row
         items[:] = [item for item in items if item.pixels is not None]

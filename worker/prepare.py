@@ -41,14 +41,18 @@ class ImagePreparer:
         decoder = self.tensor_decoder
         jpeg = check_for_tensor_decode(data, self.limits) if decoder and is_jpeg(data) else None
         if decoder is None or jpeg is None:
-            image = decode_image(data, self.limits, draft_side=self._draft_side)
-            return self._encoder.preprocess_image(image)
+            return self.with_pillow(data)
         if self.device_batches:
             return jpeg
         row = decoder.pixels([jpeg])[0]
         if isinstance(row, Exception):
             raise row
         return row
+
+    def with_pillow(self, data: bytes) -> torch.Tensor:
+        """Model input through Pillow, whatever the decoder setting."""
+        image = decode_image(data, self.limits, draft_side=self._draft_side)
+        return self._encoder.preprocess_image(image)
 
     def pixels(self, data: bytes) -> torch.Tensor:
         """Model input for one image, never deferred (for callers without a batching stage)."""

@@ -12,7 +12,9 @@ What goes which way
       torchvision. CMYK and YCCK JPEGs, every other format, and any JPEG torchvision fails on
       (corrupt or truncated data, 12-bit or arithmetic coding, running out of GPU memory) go
       through `decode_image` and `preprocess_image`, so they succeed or fail with exactly the
-      code the Pillow decoder gives them.
+      code the Pillow decoder gives them. `try_pixels` leaves those to the caller (the
+      pipeline hands them back to its prepare threads, so Pillow never holds up the device);
+      `pixels` runs Pillow itself, on the calling thread.
     - The orientation is the one Pillow reads (EXIF, or tiff:Orientation in XMP, which
       torchvision's own EXIF handling does not read), applied with tensor flips/transposes.
     - `jpeg_draft` (Pillow's scaled decoding) does not apply here: JPEGs decoded here, and
@@ -80,8 +82,15 @@ class TensorDecoder:
         self._preprocess = tensor_preprocess(encoder)
 
     def pixels(self, jpegs: Sequence[CheckedJpeg]) -> list[torch.Tensor | Exception]:
-        """One float [3, H, W] tensor on the device per JPEG, or the error that fails it."""
-        rows: list[torch.Tensor | Exception | None] = [None] * len(jpegs)
+        """One float [3, H, W] tensor on the device per JPEG, or the error that fails it;
+        what torchvision cannot decode is decoded by Pillow here, on the calling thread."""
+        return [self._with_pillow(jpeg.data) if row is None else row
+                for jpeg, row in zip(jpegs, self.try_pixels(jpegs), strict=True)]
+
+    def try_pixels(self, jpegs: Sequence[CheckedJpeg]) -> list[torch.Tensor | None]:
+        """One float [3, H, W] tensor on the device per JPEG; None where torchvision could not
+        decode or preprocess it, for the caller to hand to Pillow."""
+        rows: list[torch.Tensor | None] = [None] * len(jpegs)
         for chunk in _chunks(jpegs):
             decoded = self._decode([jpegs[i] for i in chunk])
             ok = [i for i, image in zip(chunk, decoded, strict=True) if image is not None]
@@ -94,8 +103,7 @@ class TensorDecoder:
                 continue
             for i, row in zip(ok, batch, strict=True):
                 rows[i] = row
-        return [self._with_pillow(jpegs[i].data) if row is None else row
-                for i, row in enumerate(rows)]
+        return rows
 
     def _decode(self, jpegs: list[CheckedJpeg]) -> list[torch.Tensor | None]:
         """Upright uint8 RGB [3, H, W] per JPEG, None where torchvision could not decode it."""
