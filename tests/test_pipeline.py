@@ -21,7 +21,6 @@ from tests.images import jpeg_bytes
 from worker.embed import embed_images, embed_texts
 from worker.outputs import ShardWriter
 from worker.pipeline import Pipeline
-from worker.prepare import ImagePreparer
 from worker.results import ResultStore
 from worker.storage import LocalOutputStore, SourceReader
 from worker.zeroshot import LabelEmbeddingCache, score
@@ -198,25 +197,3 @@ def test_a_batch_that_fails_outside_the_forward_fails_its_jobs_not_the_pipeline(
     assert pipeline.healthy
     assert pipeline.submit([image_job(second, settings.model)])[0].result(60).status \
         is Status.DONE
-
-
-def test_prepare_threads_run_tensor_ops_on_one_thread_each(
-    make_pipeline: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    seen: list[int] = []
-    prepare = ImagePreparer.prepare
-
-    def recorded(self: ImagePreparer, data: bytes) -> Any:
-        seen.append(torch.get_num_threads())
-        return prepare(self, data)
-
-    monkeypatch.setattr(ImagePreparer, "prepare", recorded)
-    original = torch.get_num_threads()
-    torch.set_num_threads(2)  # as a worker on two cores starts
-    try:
-        pipeline, settings = make_pipeline()
-        jobs = [image_job(path, settings.model) for path in write_images(tmp_path, 3)]
-        assert all(f.result(60).status is Status.DONE for f in pipeline.submit(jobs))
-        assert seen == [1, 1, 1] and torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(original)

@@ -79,14 +79,6 @@ class PipelineStats:
     batch_sizes: list[int] = field(default_factory=list)
 
 
-def _one_torch_thread() -> None:
-    """Prepare threads run their tensor ops (torchvision decode and resize, transformers'
-    processors) on one thread each: they already work on several images at once, and a
-    thread team per image would take the cores the forward pass needs (measured: 12-15 % less
-    throughput on 2 cores). torch's intra-op thread count is per thread (OpenMP)."""
-    torch.set_num_threads(1)
-
-
 def _ms_since(start: float) -> float:
     return (time.perf_counter() - start) * 1000
 
@@ -107,8 +99,7 @@ class Pipeline:
         self._images = ImagePreparer(settings, encoder, device_batches=device_batches)
         self._ready: queue.Queue[Item] = queue.Queue(maxsize=settings.max_batch_items * 4)
         self._to_write: queue.Queue[EncodedBatch] = queue.Queue(maxsize=2)
-        self._prepare = ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="ds-fetch",
-                                           initializer=_one_torch_thread)
+        self._prepare = ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="ds-fetch")
         self._cpu_slots = threading.BoundedSemaphore(settings.preprocess_threads)
         self._preparing = 0
         self._preparing_lock = threading.Lock()
