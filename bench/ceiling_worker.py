@@ -78,33 +78,18 @@ class Ceiling:
 
     def finish(self, batch: Sequence[Prepared]) -> None:
         """Forward, score and write one shard."""
-        embeddings = self.encoder.encode_images(self.pixels(batch))
+        embeddings = self.encoder.encode_images(self.images.batch([p.pixels for p in batch]))
         options = batch[0].job.zero_shot
         labels = (score(self.encoder, embeddings, options, self.labels) if options
                   else [None] * len(batch))
         write_shard(self.store, batch, embeddings.numpy(), labels)
 
-    def pixels(self, batch: Sequence[Prepared]) -> torch.Tensor:
-        """The batch's model input; JPEGs left for the device are decoded together, as the
-        worker's model thread does."""
-        rows = [p.pixels for p in batch]
-        deferred = {i: row for i, row in enumerate(rows) if isinstance(row, CheckedJpeg)}
-        if deferred and self.images.tensor_decoder is not None:
-            decoded = self.images.tensor_decoder.pixels(list(deferred.values()))
-            for i, row in zip(deferred, decoded, strict=True):
-                if isinstance(row, Exception):
-                    raise row
-                rows[i] = row
-        tensors = [row for row in rows if isinstance(row, torch.Tensor)]
-        if any(row.device != tensors[0].device for row in tensors):
-            tensors = [row.to(self.encoder.device) for row in tensors]
-        return torch.stack(tensors)
-
     # Measurements ------------------------------------------------------------------------
     def forward_ms(self, batch_size: int, repeats: int = 5) -> float:
         """Fastest of `repeats` forward passes of a batch of `batch_size`, after a warm-up
         pass (the fastest, not the median: the machine may be shared)."""
-        pixels = self.pixels([self.prepare(job) for job in self.jobs[:batch_size]])
+        pixels = self.images.batch(
+            [self.prepare(job).pixels for job in self.jobs[:batch_size]])
         self.encoder.encode_images(pixels)
         times = []
         for _ in range(repeats):

@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 import torch
@@ -40,13 +40,14 @@ class Variant:
 
     name: str
     load: dict[str, Any]
-    image_decoder: str = "pil"
+    image_decoder: Literal["pil", "torch"] = "pil"
     jpeg_draft: bool = False
 
     @classmethod
     def parse(cls, name: str) -> Variant:
         load: dict[str, Any] = {}
-        decoder, draft = "pil", False
+        decoder: Literal["pil", "torch"] = "pil"
+        draft = False
         for part in name.split("+"):
             if part in ("fp16", "bf16"):
                 load["dtype"] = part
@@ -72,24 +73,15 @@ def _spec(name: str, cache: Path, scratch: Path) -> str:
 
 
 def _images_to_pixels(encoder: Any, jpegs: list[bytes], variant: Variant) -> torch.Tensor:
-    from worker.decode import decode_image
-    from worker.draft_size import draft_side
+    """The worker's own preparation (`ImagePreparer`); with the torch decoder, the batch's
+    JPEGs are decoded together on the model's device, as a GPU worker's model thread does."""
+    from schemas.settings import Settings
+    from worker.prepare import ImagePreparer
 
-    if variant.image_decoder == "torch":
-        from worker.decode import DEFAULT_LIMITS
-        from worker.tensor_decode import TensorDecoder, check_for_tensor_decode
-
-        checked = [check_for_tensor_decode(data, DEFAULT_LIMITS) for data in jpegs]
-        if any(jpeg is None for jpeg in checked):
-            raise RuntimeError("a benchmark JPEG would take the Pillow path")
-        rows = TensorDecoder(encoder, DEFAULT_LIMITS).pixels([j for j in checked if j])
-        failed = [row for row in rows if isinstance(row, Exception)]
-        if failed:
-            raise RuntimeError(f"{len(failed)} JPEGs failed to decode: {failed[0]}")
-        return torch.stack([row for row in rows if isinstance(row, torch.Tensor)])
-    side = draft_side(encoder) if variant.jpeg_draft else None
-    return torch.stack([encoder.preprocess_image(decode_image(data, draft_side=side))
-                        for data in jpegs])
+    settings = Settings(_env_file=None, image_decoder=variant.image_decoder,  # type: ignore[call-arg]
+                        jpeg_draft=variant.jpeg_draft)
+    preparer = ImagePreparer(settings, encoder, device_batches=True)
+    return preparer.batch([preparer.prepare(data) for data in jpegs])
 
 
 def _outputs(encoder: Any, jpegs: list[bytes], variant: Variant) -> dict[str, torch.Tensor]:

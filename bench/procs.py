@@ -64,13 +64,7 @@ class Watched:
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval_s):
-            total = 0
-            for proc in _tree(self.ps):
-                try:
-                    total += proc.memory_info().rss
-                except psutil.Error:
-                    continue
-            self.peak_rss_sampled = max(self.peak_rss_sampled, total)
+            self.peak_rss_sampled = max(self.peak_rss_sampled, self.rss())
 
     def alive(self) -> bool:
         return self.process.poll() is None

@@ -58,3 +58,19 @@ def test_a_bad_image_raises_its_code_either_way(encoder: Any, decoder: str) -> N
     with pytest.raises(ImageError) as caught:
         preparer.prepare(JPEG[: len(JPEG) // 2])
     assert caught.value.code == ErrorCode.CORRUPT_IMAGE
+
+
+def test_a_batch_decodes_deferred_jpegs_together_and_keeps_the_order(encoder: Any) -> None:
+    deferring = ImagePreparer(Settings(image_decoder="torch"), encoder, device_batches=True)
+    one_by_one = ImagePreparer(Settings(image_decoder="torch"), encoder)
+    images = [JPEG, PNG, JPEG]
+    batch = deferring.batch([deferring.prepare(data) for data in images])
+    expected = torch.stack([one_by_one.pixels(data) for data in images])
+    assert torch.allclose(batch, expected, atol=1e-6)
+
+
+def test_a_batch_raises_the_failure_of_a_deferred_jpeg(encoder: Any) -> None:
+    deferring = ImagePreparer(Settings(image_decoder="torch"), encoder, device_batches=True)
+    truncated = deferring.prepare(JPEG[: len(JPEG) // 2])
+    with pytest.raises(ImageError):
+        deferring.batch([deferring.prepare(PNG), truncated])

@@ -40,7 +40,7 @@ from schemas.results import ErrorInfo, JobResult, LabelScore, OutputLocation, St
 from schemas.settings import Settings
 from worker.models.base import Encoder
 from worker.outputs import OutputRow, ShardWriter
-from worker.prepare import ImagePreparer
+from worker.prepare import ImagePreparer, stack_rows
 from worker.results import ResultStore
 from worker.storage import SourceReader
 from worker.tensor_decode import CheckedJpeg, TensorDecoder
@@ -285,12 +285,8 @@ class Pipeline:
         items[:] = [item for item in items if item.pixels is not None]
 
     def _stack(self, items: list[Item]) -> torch.Tensor:
-        """One batch; rows decoded on the device and rows from Pillow (on the CPU) meet on the
-        device, while an all-CPU batch stays on the CPU for one pinned copy in the encoder."""
-        rows = [item.pixels for item in items if item.pixels is not None]
-        if any(row.device != rows[0].device for row in rows):
-            rows = [row.to(self._encoder.device) for row in rows]
-        return torch.stack(rows)
+        rows = [row for item in items if (row := item.pixels) is not None]
+        return stack_rows(rows, self._encoder.device)
 
     def _encode_texts(self, items: list[Item]) -> EncodedBatch | None:
         if not items:

@@ -8,6 +8,8 @@ With the torch decoder and a model on a GPU, a JPEG is only checked here and han
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from schemas.settings import Settings
@@ -60,3 +62,27 @@ class ImagePreparer:
         if isinstance(prepared, CheckedJpeg):
             raise TypeError("pixels() needs an ImagePreparer without device batches")
         return prepared
+
+    def batch(self, prepared: Sequence[torch.Tensor | CheckedJpeg]) -> torch.Tensor:
+        """One batch of model input from `prepare`'s results, deferred JPEGs decoded together;
+        raises the first image's failure (for callers that fail a batch as a whole)."""
+        rows = list(prepared)
+        deferred = {i: row for i, row in enumerate(rows) if isinstance(row, CheckedJpeg)}
+        if deferred:
+            if self.tensor_decoder is None:
+                raise TypeError("a deferred JPEG needs the torch decoder")
+            decoded = self.tensor_decoder.pixels(list(deferred.values()))
+            for i, row in zip(deferred, decoded, strict=True):
+                if isinstance(row, Exception):
+                    raise row
+                rows[i] = row
+        return stack_rows([row for row in rows if isinstance(row, torch.Tensor)],
+                          self._encoder.device)
+
+
+def stack_rows(rows: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Stack model-input rows. Rows decoded on the device and rows from Pillow (on the CPU)
+    meet on `device`; an all-CPU batch stays on the CPU for one pinned copy in the encoder."""
+    if any(row.device != rows[0].device for row in rows):
+        rows = [row.to(device) for row in rows]
+    return torch.stack(list(rows))
