@@ -134,20 +134,7 @@ def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, *,
     of the work, and a slightly different picture from a full decode followed by a resize.
     Other formats are unaffected. The limits apply to the stored size, before scaling.
     """
-    _check_source(data, limits)
-    fmt = _sniff_format(data)
-    if fmt is None:
-        raise ImageError(
-            f"not an image in an allowed format ({', '.join(ALLOWED_FORMATS)})",
-            code=ErrorCode.UNSUPPORTED_FORMAT,
-        )
-    _check_before_parsing(fmt, data, limits)
-    with (
-        _pil_errors_as_image_errors(fmt),
-        BytesIO(data) as stream,
-        _OPENERS[fmt](stream) as image,
-    ):
-        _check_size(image.size, limits)
+    with _opened(data, limits) as (fmt, image):
         if draft_side is not None and fmt == "JPEG":
             image.draft(None, (draft_side, draft_side))
         image.load()
@@ -167,17 +154,30 @@ def check_jpeg(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> JpegHeader:
     data) and the size limits on the stored size. The orientation is read as `decode_image`
     reads it (EXIF, or tiff:Orientation in XMP; 1 when the block cannot be parsed).
     """
+    with _opened(data, limits) as (fmt, image):
+        if fmt != "JPEG":
+            raise ImageError("not a JPEG", code=ErrorCode.UNSUPPORTED_FORMAT)
+        return JpegHeader(image.size, image.mode, _orientation(image))
+
+
+@contextmanager
+def _opened(data: bytes, limits: ImageLimits) -> Iterator[tuple[str, ImageFile.ImageFile]]:
+    """The format and its plugin opened on `data`, after every check that needs no pixels."""
     _check_source(data, limits)
-    if _sniff_format(data) != "JPEG":
-        raise ImageError("not a JPEG", code=ErrorCode.UNSUPPORTED_FORMAT)
-    _check_before_parsing("JPEG", data, limits)
+    fmt = _sniff_format(data)
+    if fmt is None:
+        raise ImageError(
+            f"not an image in an allowed format ({', '.join(ALLOWED_FORMATS)})",
+            code=ErrorCode.UNSUPPORTED_FORMAT,
+        )
+    _check_before_parsing(fmt, data, limits)
     with (
-        _pil_errors_as_image_errors("JPEG"),
+        _pil_errors_as_image_errors(fmt),
         BytesIO(data) as stream,
-        _OPENERS["JPEG"](stream) as image,
+        _OPENERS[fmt](stream) as image,
     ):
         _check_size(image.size, limits)
-        return JpegHeader(image.size, image.mode, _orientation(image))
+        yield fmt, image
 
 
 def is_jpeg(data: bytes) -> bool:
