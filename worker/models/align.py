@@ -24,7 +24,6 @@ from __future__ import annotations
 import threading
 
 import torch
-from PIL import Image
 from transformers import AlignModel, AlignProcessor, AutoProcessor
 
 from worker.models.loader import load_transformers_model
@@ -75,10 +74,6 @@ class AlignEncoder(TransformersFeatures):
         )
         processor = AutoProcessor.from_pretrained(spec.source)
         return cls(spec.spec, model, processor, device, dtype, vision)
-
-    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
-        return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"][0]
 
     def logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         return image_embeds @ text_embeds.T / self.temperature

@@ -1,5 +1,6 @@
-"""What ALIGN and AltCLIP share: tokenizing with truncation flags, and projected features from
-transformers' `get_*_features(...).pooler_output`, normalised on the CPU."""
+"""What ALIGN and AltCLIP share: preprocessing with the checkpoint's image processor, tokenizing
+with truncation flags, and projected features from transformers' `get_*_features(...)
+.pooler_output`, normalised on the CPU."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from PIL import Image
 
 from worker.models.base import TokenizedTexts
 from worker.models.device import host_to_device, normalised_cpu
@@ -20,12 +22,17 @@ class TransformersFeatures:
     max_text_tokens: int
     text_padding: bool | str
     model: Any
+    image_processor: Any
     tokenizer: Any
     device: torch.device
     dtype: torch.dtype
     vision: VisionOptions
     # The fast tokenizer's truncation/padding settings are shared, mutable state.
     _tokenizer_lock: threading.Lock
+
+    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"][0]
 
     def tokenize(self, texts: Sequence[str]) -> TokenizedTexts:
         batch = list(texts)
