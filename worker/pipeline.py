@@ -215,8 +215,7 @@ class Pipeline:
         except torch.OutOfMemoryError as exc:
             failure: Exception = TransientError(f"out of device memory: {exc}",
                                                 code=ErrorCode.INTERNAL)
-        except Exception as exc:  # logged, then routed to the batch's jobs below
-            log.exception("encoding a batch of %d failed", len(items))
+        except Exception as exc:  # noqa: BLE001 - routed to the batch's jobs (_fail logs it)
             failure = exc
         for item in items:
             self._fail(item, failure)
@@ -292,13 +291,8 @@ class Pipeline:
         if not items:
             return None
         start = time.perf_counter()
-        try:
-            tokens = self._encoder.tokenize([item.job.text or "" for item in items])
-            embeddings = self._encoder.encode_texts(tokens)
-        except Exception as exc:  # noqa: BLE001
-            for item in items:
-                self._fail(item, exc)
-            return None
+        tokens = self._encoder.tokenize([item.job.text or "" for item in items])
+        embeddings = self._encoder.encode_texts(tokens)
         self._stamp(items, "encode_ms", _ms_since(start))
         return EncodedBatch(items, embeddings.numpy(), [None] * len(items),
                             list(tokens.truncated), "text")
