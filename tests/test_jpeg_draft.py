@@ -11,6 +11,8 @@ import pytest
 import redis
 from PIL import Image
 
+from control.objects import LocalOutputStore
+from control.results import ResultStore
 from schemas.errors import ErrorCode, ImageError
 from schemas.jobs import Job, Task
 from schemas.keys import RedisKeys
@@ -19,11 +21,9 @@ from schemas.settings import Settings
 from tests.fixtures.bad_images import bad_image_corpus, encode, gradient, with_exif_orientation
 from tests.images import photo_like_jpegs
 from worker.decode import decode_image
-from worker.draft_size import draft_side
 from worker.outputs import ShardWriter
 from worker.pipeline import Pipeline
-from worker.results import ResultStore
-from worker.storage import LocalOutputStore, SourceReader
+from worker.sources import SourceReader
 
 FAMILIES = ("align", "openclip", "altclip")
 
@@ -86,7 +86,7 @@ def test_every_bad_jpeg_fails_with_its_code_when_drafted() -> None:
 def test_the_draft_side_is_what_the_model_preprocessing_resizes_to(
     tiny_encoders: dict[str, Any], family: str, side: int
 ) -> None:
-    assert draft_side(tiny_encoders[family]) == side
+    assert tiny_encoders[family].draft_side == side
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -94,7 +94,7 @@ def test_drafted_embeddings_stay_close_to_the_exact_path_on_photo_like_images(
     tiny_encoders: dict[str, Any], family: str
 ) -> None:
     encoder = tiny_encoders[family]
-    side = draft_side(encoder)
+    side = encoder.draft_side
     cosines = []
     for data in photo_like_jpegs():
         exact = encoder.encode_images(encoder.preprocess_image(decode_image(data))[None])

@@ -36,6 +36,20 @@ def test_encoder_implements_the_protocol(family, tiny_encoders, tiny_model_dirs)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_encoder_answers_for_its_family_knowledge(family, tiny_encoders, sample_images) -> None:
+    """Token limit, logit scale and bias; the draft side and tensor preprocessing are checked
+    in test_jpeg_draft.py and test_tensor_decode.py."""
+    encoder = tiny_encoders[family]
+    assert encoder.max_text_tokens == TEXT_LIMIT[family]
+    assert encoder.logit_bias is None  # no family here is trained with a sigmoid loss
+    images = embed_images(encoder, sample_images[:3])
+    texts = embed_texts(encoder, LABELS)[0]
+    assert encoder.logit_scale > 0
+    torch.testing.assert_close(encoder.logits(images, texts),
+                               encoder.logit_scale * images @ texts.T)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_outputs_are_unit_float32_cpu_rows(family, tiny_encoders, sample_images) -> None:
     encoder = tiny_encoders[family]
     images = embed_images(encoder, sample_images)

@@ -19,6 +19,8 @@ from PIL import Image
 from torchvision.transforms import Compose, Lambda
 
 import worker.tensor_decode
+from control.objects import LocalOutputStore
+from control.results import ResultStore
 from schemas.errors import ErrorCode, ImageError
 from schemas.jobs import Job, Task
 from schemas.keys import RedisKeys
@@ -32,13 +34,13 @@ from tests.fixtures.bad_images import (
 )
 from tests.images import jpeg_bytes, photo_like_jpegs
 from worker.decode import DEFAULT_LIMITS, check_jpeg, decode_image
+from worker.models.openclip import transform_on_tensors
+from worker.models.tensor_preprocess import through_pil
 from worker.outputs import ShardWriter
 from worker.pipeline import Pipeline
 from worker.prepare import ImagePreparer
-from worker.results import ResultStore
-from worker.storage import LocalOutputStore, SourceReader
+from worker.sources import SourceReader
 from worker.tensor_decode import CheckedJpeg, TensorDecoder, check_for_tensor_decode
-from worker.tensor_preprocess import _with_processor, _with_steps, tensor_preprocess
 
 FAMILIES = ("align", "openclip", "altclip")
 MIN_COSINE = 0.9999
@@ -109,10 +111,10 @@ def test_an_unknown_transform_is_replayed_through_pil_exactly(
 ) -> None:
     real = tiny_encoders["openclip"]
     transform = Compose([*real.transform.transforms, Lambda(lambda x: x * 2)])
-    stub = SimpleNamespace(model_id="stub", transform=transform,
-                           preprocess_image=transform)
+    assert transform_on_tensors(transform) is None
+    stub = SimpleNamespace(model_id="stub", preprocess_image=transform)
     images = [pillow_pixels(data) for data in photo_like_jpegs(2)]
-    out = tensor_preprocess(stub)(images)  # type: ignore[arg-type]
+    out = through_pil(stub)(images)  # type: ignore[arg-type]
     expected = torch.stack([transform(Image.fromarray(image.permute(1, 2, 0).numpy()))
                             for image in images])
     assert torch.equal(out, expected)
@@ -199,8 +201,7 @@ def test_the_checks_run_before_torchvision_sees_a_bomb(
 def test_the_tiny_models_get_the_tensor_preprocessing_not_the_pil_fallback(
     tiny_encoders: dict[str, Any], family: str
 ) -> None:
-    preprocess = tensor_preprocess(tiny_encoders[family])
-    assert getattr(preprocess, "func", None) in (_with_processor, _with_steps)
+    assert tiny_encoders[family].tensor_preprocess is not None
 
 
 def test_check_jpeg_reads_the_stored_size_mode_and_orientation() -> None:

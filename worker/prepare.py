@@ -14,7 +14,6 @@ import torch
 
 from schemas.settings import Settings
 from worker.decode import ImageLimits, decode_image, is_jpeg
-from worker.draft_size import draft_side
 from worker.models.base import Encoder
 from worker.tensor_decode import CheckedJpeg, TensorDecoder, check_for_tensor_decode
 
@@ -27,7 +26,7 @@ class ImagePreparer:
         self._encoder = encoder
         self.limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels,
                                   settings.max_image_side)
-        self._draft_side = draft_side(encoder) if settings.jpeg_draft else None
+        self._draft_side = encoder.draft_side if settings.jpeg_draft else None
         on_gpu = torch.device(encoder.device).type != "cpu"
         self.device_batches = settings.image_decoder == "torch" and (
             on_gpu if device_batches is None else device_batches)

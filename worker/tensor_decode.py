@@ -5,7 +5,7 @@ the prepare threads only fetch and check (`check_jpeg`: the same limits, bomb ch
 codes as `decode_image`, read from the header without decoding), and the model thread turns
 each batch's JPEGs into model input in one go: `torchvision.io.decode_jpeg` on the model's
 device (batched nvJPEG on CUDA, libjpeg-turbo on the CPU), the orientation `decode_image`
-would apply, then the family's own preprocessing on tensors (`worker/tensor_preprocess.py`).
+would apply, then the family's own preprocessing on tensors (`Encoder.tensor_preprocess`).
 
 What goes which way
     - Only JPEGs whose header says YCbCr or grayscale (Pillow modes RGB and L) are decoded by
@@ -48,7 +48,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from schemas.errors import ErrorCode, TransientError
 from worker.decode import ImageLimits, JpegHeader, check_jpeg, decode_image
 from worker.models.base import Encoder
-from worker.tensor_preprocess import tensor_preprocess
+from worker.models.tensor_preprocess import through_pil
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class TensorDecoder:
         self._encoder = encoder
         self._limits = limits
         self._device = torch.device(encoder.device) if device is None else device
-        self._preprocess = tensor_preprocess(encoder)
+        self._preprocess = encoder.tensor_preprocess or through_pil(encoder)
 
     def pixels(self, jpegs: Sequence[CheckedJpeg]) -> list[torch.Tensor | Exception]:
         """One float [3, H, W] tensor on the device per JPEG, or the error that fails it;

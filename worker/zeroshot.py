@@ -129,9 +129,8 @@ def label_scores(
     logits = encoder.logits(image_embeds, label_embeds)
     if not multi_label:
         return logits.softmax(dim=-1)
-    bias = getattr(encoder, "logit_bias", None)
-    if bias is not None:
-        return torch.sigmoid(logits + bias)
+    if encoder.logit_bias is not None:
+        return torch.sigmoid(logits + encoder.logit_bias)
     return (image_embeds @ label_embeds.T).clamp(0.0, 1.0)
 
 

@@ -26,9 +26,9 @@ import threading
 import torch
 from transformers import AlignModel, AlignProcessor, AutoProcessor
 
-from worker.models.loader import load_transformers_model
 from worker.models.spec import ModelSpec
 from worker.models.transformers_features import TransformersFeatures
+from worker.models.transformers_load import load_transformers_model
 from worker.models.vision import DEFAULT_VISION, VisionOptions, prepare_vision_tower
 
 MAX_TEXT_TOKENS = 64
@@ -38,7 +38,6 @@ class AlignEncoder(TransformersFeatures):
     max_text_tokens = MAX_TEXT_TOKENS
     text_padding = "max_length"
     family = "align"
-    logit_bias: float | None = None
 
     def __init__(
         self,
@@ -74,6 +73,10 @@ class AlignEncoder(TransformersFeatures):
         )
         processor = AutoProcessor.from_pretrained(spec.source)
         return cls(spec.spec, model, processor, device, dtype, vision)
+
+    @property
+    def logit_scale(self) -> float:
+        return 1.0 / self.temperature
 
     def logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         return image_embeds @ text_embeds.T / self.temperature

@@ -24,9 +24,9 @@ import threading
 import torch
 from transformers import AltCLIPModel, AltCLIPProcessor, AutoProcessor
 
-from worker.models.loader import load_transformers_model
 from worker.models.spec import ModelSpec
 from worker.models.transformers_features import TransformersFeatures
+from worker.models.transformers_load import load_transformers_model
 from worker.models.vision import DEFAULT_VISION, VisionOptions, prepare_vision_tower
 
 MAX_TEXT_TOKENS = 77
@@ -36,7 +36,6 @@ class AltClipEncoder(TransformersFeatures):
     max_text_tokens = MAX_TEXT_TOKENS
     text_padding = True
     family = "altclip"
-    logit_bias: float | None = None
 
     def __init__(
         self,

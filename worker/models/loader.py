@@ -10,7 +10,6 @@ retrying will not change that. Running out of GPU memory is not a spec problem a
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
 
 import torch
 
@@ -19,8 +18,6 @@ from worker.models.base import Encoder
 from worker.models.device import resolve_device, resolve_dtype
 from worker.models.spec import Family, ModelSpec, parse_spec
 from worker.models.vision import VisionOptions, warm_up
-
-ModelT = TypeVar("ModelT")
 
 Factory = Callable[[ModelSpec, torch.device, torch.dtype, VisionOptions], Encoder]
 
@@ -87,34 +84,3 @@ def load_encoder(
         warm_up(encoder)
     return encoder
 
-
-def load_transformers_model(
-    model_class: type[ModelT],
-    spec: ModelSpec,
-    model_type: str,
-    device: torch.device,
-    dtype: torch.dtype,
-    **kwargs: Any,
-) -> ModelT:
-    """`from_pretrained` onto `device`, refusing what transformers would only log about.
-
-    transformers loads a checkpoint of another model type, or one with missing weights, with
-    a report on the log and the missing weights freshly random: a model that runs and returns
-    nonsense. Both are spec errors here.
-    """
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(spec.source)
-    if config.model_type != model_type:
-        raise ModelSpecError(
-            f"{spec.spec!r} is a {config.model_type!r} checkpoint, not {model_type!r}"
-        )
-    model, info = model_class.from_pretrained(  # type: ignore[attr-defined]
-        spec.source, config=config, dtype=dtype, output_loading_info=True, **kwargs
-    )
-    missing = sorted(info["missing_keys"]) + sorted(k[0] for k in info["mismatched_keys"])
-    if missing:
-        raise ModelSpecError(
-            f"{spec.spec!r} lacks weights for {len(missing)} tensors, e.g. {missing[:5]}"
-        )
-    return model.to(device)

@@ -11,26 +11,39 @@ Everything comes from open_clip itself, so a checkpoint behaves here exactly as 
 
 Logits are `logit_scale.exp() * cosine`. SigLIP-style checkpoints also carry a learned
 `logit_bias`, exposed as `logit_bias` for independent (sigmoid) per-label scores.
+
+The tensor form of the transform (`transform_on_tensors`) replays it step by step with
+torchvision's v2 functional ops, with each step's own parameters. Resizing a tensor is not
+Pillow's resize: torchvision's antialiased bicubic is built to follow Pillow's, and lands
+within a grey level of it.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
 
 import open_clip
 import torch
 from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
+from open_clip.transform import MaybeConvertMode
 from PIL import Image
+from torchvision.transforms import CenterCrop, Normalize, Resize, ToTensor
+from torchvision.transforms.v2 import functional as F
 
-from worker.models.base import TokenizedTexts
+from worker.models.base import TensorPreprocess, TokenizedTexts
 from worker.models.device import host_to_device, normalised_cpu
+from worker.models.draft_size import transform_side
 from worker.models.spec import ModelSpec
 from worker.models.vision import DEFAULT_VISION, VisionOptions, prepare_vision_tower
 
 PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # SimpleTokenizer memoises every word it has seen; a long-lived worker must bound that.
 MAX_BPE_CACHE = 100_000
+
+_ImageStep = Callable[[torch.Tensor], torch.Tensor]
 
 
 class OpenClipEncoder:
@@ -52,12 +65,14 @@ class OpenClipEncoder:
         self.vision = vision
         prepare_vision_tower(model.visual, vision)
         self.transform = transform
+        self.draft_side = transform_side(transform)
+        self.tensor_preprocess = transform_on_tensors(transform)
         self.tokenizer = tokenizer
         self.embed_dim = embed_dim
         self.device = device
         self.dtype = dtype
         self.input_dtype = open_clip.get_input_dtype(PRECISIONS[dtype]) or torch.float32
-        self.context_length = int(getattr(tokenizer, "context_length", 77) or 77)
+        self.max_text_tokens = int(getattr(tokenizer, "context_length", 77) or 77)
         self.logit_scale = float(model.logit_scale.detach().exp())
         bias = getattr(model, "logit_bias", None)
         self.logit_bias: float | None = None if bias is None else float(bias.detach())
@@ -90,7 +105,7 @@ class OpenClipEncoder:
     def tokenize(self, texts: Sequence[str]) -> TokenizedTexts:
         batch = list(texts)
         with self._tokenizer_lock:
-            truncated = [self._token_count(text) > self.context_length for text in batch]
+            truncated = [self._token_count(text) > self.max_text_tokens for text in batch]
             tokens = self.tokenizer(batch)
             self._bound_bpe_cache()
         return TokenizedTexts(tensors={"input_ids": tokens}, truncated=truncated)
@@ -133,3 +148,45 @@ def _probe_embed_dim(
     """Embedding width for a model whose config does not state it: one tiny text forward."""
     with torch.inference_mode():
         return int(model.encode_text(tokenizer(["a"]).to(device)).shape[-1])
+
+
+def transform_on_tensors(transform: Any) -> TensorPreprocess | None:
+    """open_clip's transform on uint8 tensors, or None if a step has no exact tensor form here."""
+    steps = _tensor_steps(transform)
+    return None if steps is None else partial(_with_steps, *steps)
+
+
+def _with_steps(per_image: list[_ImageStep], per_batch: list[_ImageStep],
+                images: Sequence[torch.Tensor]) -> torch.Tensor:
+    resized = []
+    for image in images:
+        for step in per_image:
+            image = step(image)
+        resized.append(image)
+    batch = torch.stack(resized)
+    for step in per_batch:
+        batch = step(batch)
+    return batch
+
+
+def _tensor_steps(transform: Any) -> tuple[list[_ImageStep], list[_ImageStep]] | None:
+    """open_clip's Compose as (per-image uint8 steps, batched float steps), or None if any step
+    has no exact tensor form here."""
+    per_image: list[_ImageStep] = []
+    per_batch: list[_ImageStep] = []
+    for step in getattr(transform, "transforms", None) or [None]:
+        if isinstance(step, Resize) and not per_batch:
+            per_image.append(partial(F.resize, size=step.size, interpolation=step.interpolation,
+                                     max_size=step.max_size, antialias=step.antialias))
+        elif isinstance(step, CenterCrop) and not per_batch:
+            per_image.append(partial(F.center_crop, output_size=list(step.size)))
+        elif isinstance(step, MaybeConvertMode) and step.mode == "RGB":
+            continue  # the decoder already gives RGB
+        elif isinstance(step, ToTensor) and not per_batch:  # open_clip's MaybeToTensor too
+            per_batch.append(partial(F.to_dtype, dtype=torch.float32, scale=True))
+        elif isinstance(step, Normalize) and per_batch:
+            per_batch.append(partial(F.normalize, mean=list(step.mean), std=list(step.std),
+                                     inplace=step.inplace))
+        else:
+            return None
+    return per_image, per_batch

@@ -1,6 +1,6 @@
-"""What ALIGN and AltCLIP share: preprocessing with the checkpoint's image processor, tokenizing
-with truncation flags, and projected features from transformers' `get_*_features(...)
-.pooler_output`, normalised on the CPU."""
+"""What ALIGN and AltCLIP share: preprocessing with the checkpoint's image processor (and its
+tensor form and resize side), tokenizing with truncation flags, and projected features from
+transformers' `get_*_features(...).pooler_output`, normalised on the CPU."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from worker.models.base import TokenizedTexts
+from worker.models.base import TensorPreprocess, TokenizedTexts
 from worker.models.device import host_to_device, normalised_cpu
+from worker.models.draft_size import processor_side
+from worker.models.tensor_preprocess import processor_on_tensors
 from worker.models.vision import VisionOptions
 
 
@@ -21,6 +23,7 @@ class TransformersFeatures:
 
     max_text_tokens: int
     text_padding: bool | str
+    logit_bias: float | None = None  # neither family learns one
     model: Any
     image_processor: Any
     tokenizer: Any
@@ -29,6 +32,14 @@ class TransformersFeatures:
     vision: VisionOptions
     # The fast tokenizer's truncation/padding settings are shared, mutable state.
     _tokenizer_lock: threading.Lock
+
+    @property
+    def draft_side(self) -> int | None:
+        return processor_side(self.image_processor)
+
+    @property
+    def tensor_preprocess(self) -> TensorPreprocess | None:
+        return processor_on_tensors(self.image_processor)
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         rgb = image if image.mode == "RGB" else image.convert("RGB")

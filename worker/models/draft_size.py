@@ -2,7 +2,7 @@
 
 Scaled JPEG decoding (`decode_image(..., draft_side=)`) must never leave the model's resize
 with less than it needs, or the model would see an upscaled picture. The size is read from the
-reference preprocessing itself (open_clip's transform, transformers' image processor), so it
+reference preprocessing itself (transformers' image processor, open_clip's transform), so it
 follows whatever the checkpoint configures.
 """
 
@@ -13,24 +13,10 @@ from typing import Any
 
 from torchvision.transforms import Resize
 
-from worker.models.base import Encoder
 
-
-def draft_side(encoder: Encoder) -> int | None:
-    """The shortest side a decoded image must keep, or None when it cannot be told."""
-    processor = getattr(encoder, "image_processor", None)
-    if processor is not None:
-        return _processor_side(getattr(processor, "size", None))
-    transform = getattr(encoder, "transform", None)
-    steps: Iterable[Any] = getattr(transform, "transforms", ())
-    for step in steps:
-        if isinstance(step, Resize):
-            size = step.size
-            return int(size) if isinstance(size, int) else max(int(s) for s in size)
-    return None
-
-
-def _processor_side(size: Any) -> int | None:
+def processor_side(processor: Any) -> int | None:
+    """The side a transformers image processor resizes to, or None when it cannot be told."""
+    size = getattr(processor, "size", None)
     if size is None:
         return None
     read = size.get if isinstance(size, dict) else lambda name: getattr(size, name, None)
@@ -39,3 +25,13 @@ def _processor_side(size: Any) -> int | None:
         return int(shortest)
     sides = [int(side) for side in (read("height"), read("width")) if side]
     return max(sides) if sides else None
+
+
+def transform_side(transform: Any) -> int | None:
+    """The size of the first `Resize` in a torchvision `Compose` (open_clip's transform)."""
+    steps: Iterable[Any] = getattr(transform, "transforms", ())
+    for step in steps:
+        if isinstance(step, Resize):
+            size = step.size
+            return int(size) if isinstance(size, int) else max(int(s) for s in size)
+    return None
