@@ -1,12 +1,15 @@
 """One error tree for the whole system.
 
 Every failure a job can meet has a stable `ErrorCode`. Errors are either permanent (the job fails
-at once and lands in the dead-letter store) or transient (retried with backoff).
+at once and lands in the dead-letter store) or transient (retried with backoff). A job that does
+not validate carries its code as the `type` of a pydantic error (`invalid_job_error`).
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
+
+from pydantic_core import PydanticCustomError
 
 
 class ErrorCode(StrEnum):
@@ -40,7 +43,6 @@ class DualstreamError(Exception):
     """Base of every error dualstream raises on purpose."""
 
     code: ErrorCode = ErrorCode.INTERNAL
-    retryable: bool = False
 
     def __init__(self, message: str, *, code: ErrorCode | None = None) -> None:
         super().__init__(message)
@@ -59,7 +61,6 @@ class PermanentError(DualstreamError):
 class TransientError(DualstreamError):
     """Retried with jittered backoff; the job is not failed while retries remain."""
 
-    retryable = True
     code = ErrorCode.TRANSIENT_STORAGE
 
 
@@ -91,3 +92,9 @@ class JobBusy(TransientError):
     def __init__(self, message: str, *, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+def invalid_job_error(code: ErrorCode, message: str) -> PydanticCustomError:
+    """What a validator raises for a job that fails with a specific code: the error's `type` is
+    `code`, its message is `message` as written (`worker/validation.py` reads the code back)."""
+    return PydanticCustomError(code.value, message)

@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from schemas.errors import ErrorCode, invalid_job_error
+
 SCHEMA_VERSION: Literal[1] = 1
 DEFAULT_TEMPLATE = "This is a photo of {}."
 MAX_TEXT_CHARS = 20_000
@@ -52,9 +54,10 @@ class ZeroShotOptions(_Frozen):
     @classmethod
     def _labels_present(cls, labels: list[str]) -> list[str]:
         if not labels:
-            raise ValueError("empty_labels: at least one candidate label is required")
+            raise invalid_job_error(ErrorCode.EMPTY_LABELS,
+                                    "at least one candidate label is required")
         if any(not label.strip() for label in labels):
-            raise ValueError("empty_labels: labels must not be blank")
+            raise invalid_job_error(ErrorCode.EMPTY_LABELS, "labels must not be blank")
         if len(set(labels)) != len(labels):
             raise ValueError("labels must be unique")
         return labels
@@ -90,7 +93,7 @@ class Job(_Frozen):
             if self.text is None or self.image is not None:
                 raise ValueError("a text_embedding job takes `text` and no `image`")
             if not self.text.strip():
-                raise ValueError("empty_text: text must not be empty or blank")
+                raise invalid_job_error(ErrorCode.EMPTY_TEXT, "text must not be empty or blank")
         else:
             if self.image is None or self.text is not None:
                 raise ValueError(f"a {self.task} job takes `image` and no `text`")

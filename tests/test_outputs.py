@@ -15,13 +15,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import redis
+from pydantic import ValidationError
 
+from control.objects import LocalOutputStore, S3OutputStore
+from control.results import ResultStore
 from schemas.jobs import Job, Task
 from schemas.keys import RedisKeys, ShardPaths
+from schemas.outputs import MetadataRow, ShardManifest
 from schemas.results import LabelScore
-from worker.outputs import OutputRow, ShardWriter
-from worker.results import ResultStore
-from worker.storage import LocalOutputStore, S3OutputStore
+from worker.outputs import METADATA_SCHEMA, OutputRow, ShardWriter
 
 MODEL = "tiny/model"
 
@@ -144,3 +146,57 @@ def test_the_same_job_twice_in_one_batch_gets_one_row(store: S3OutputStore,
         [batch[0], batch[1], batch[0]], "image")
     assert outcomes[0].location == outcomes[2].location
     assert sorted(committed_rows(store)) == sorted(r.job.job_id for r in batch)
+
+
+MANIFEST = {"shard": "s1", "model": MODEL, "modality": "image", "rows": 2, "dim": 8,
+            "embeddings": "s1.npy", "metadata": "s1.parquet", "jobs": ["a", "b"],
+            "created_at": 1700000000.5}
+
+
+def test_a_manifest_round_trips_through_its_model_as_the_same_json() -> None:
+    manifest = ShardManifest.model_validate_json(json.dumps(MANIFEST))  # as written before
+    assert json.loads(manifest.model_dump_json()) == MANIFEST
+    assert ShardManifest.model_validate_json(manifest.model_dump_json()) == manifest
+    assert (manifest.row_of("b"), manifest.row_of("c")) == (1, None)
+
+
+@pytest.mark.parametrize("change", [{"rows": 3}, {"jobs": []}, {"priority": 1}, {"dim": 0}])
+def test_a_manifest_that_does_not_describe_its_rows_is_refused(change: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        ShardManifest.model_validate({**MANIFEST, **change})
+
+
+def only(store: LocalOutputStore, modality: str, suffix: str) -> bytes:
+    [key] = [k for k in store.list(ShardPaths(MODEL, modality).directory) if k.endswith(suffix)]
+    return store.get(key) or b""
+
+
+def test_a_written_shard_validates_against_the_manifest_and_row_models(
+        tmp_path: Any, results: ResultStore) -> None:
+    store = LocalOutputStore(tmp_path.as_uri())
+    first, second, third = rows(3)
+    batch = [first, second, OutputRow(third.job, third.embedding, None, None, False)]
+    ShardWriter(store, results, worker="w", lease_s=30).write(batch, "image")
+    manifest = ShardManifest.model_validate_json(only(store, "image", ".json"))
+    assert (manifest.rows, manifest.dim, manifest.modality) == (3, 8, "image")
+    table = pq.read_table(io.BytesIO(only(store, "image", ".parquet")))
+    assert table.schema.equals(METADATA_SCHEMA)
+    metadata = [MetadataRow.model_validate(row) for row in table.to_pylist()]
+    assert [m.row for m in metadata] == [0, 1, 2]
+    assert tuple(m.job_id for m in metadata) == manifest.jobs
+    assert [m.etag for m in metadata] == ["etag0", "etag1", None]
+    assert [m.labels for m in metadata] == [["cat"], ["cat"], []]
+    assert np.load(io.BytesIO(only(store, "image", ".npy"))).shape == (manifest.rows, manifest.dim)
+
+
+def test_every_shard_has_the_same_column_types_even_when_no_row_has_an_etag(
+        tmp_path: Any, results: ResultStore) -> None:
+    store = LocalOutputStore(tmp_path.as_uri())
+    text = Job(task=Task.TEXT_EMBEDDING, model=MODEL, text="hello")
+    row = OutputRow(text, rows(1)[0].embedding, None, None, True)
+    ShardWriter(store, results, worker="w", lease_s=30).write([row], "text")
+    table = pq.read_table(io.BytesIO(only(store, "text", ".parquet")))
+    assert table.schema.equals(METADATA_SCHEMA)
+    [metadata] = [MetadataRow.model_validate(r) for r in table.to_pylist()]
+    assert metadata.task is Task.TEXT_EMBEDDING and metadata.text_truncated
+    assert metadata.etag is None and metadata.labels == metadata.scores == []

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Any, get_args
 
 import pytest
 from pydantic import ValidationError
+from pydantic_core.core_schema import ErrorType
 
-from schemas.jobs import Job, JobMessage, Task, ZeroShotOptions
+from schemas.errors import ErrorCode
+from schemas.jobs import MAX_LABELS, MAX_TEXT_CHARS, Job, JobMessage, Task, ZeroShotOptions
 from schemas.keys import model_slug, queue_name
+from worker.validation import validation_code, validation_message
 
 MODEL = "kakaobrain/align-base"
+TEXT: dict[str, Any] = {"task": "text_embedding", "model": MODEL}
+ZERO_SHOT: dict[str, Any] = {"task": "zero_shot", "model": MODEL, "image": "s3://b/k.jpg"}
 
 
 def zero_shot_job(**overrides: object) -> Job:
@@ -39,12 +45,64 @@ def test_return_embedding_does_not_change_the_job_id() -> None:
     assert zero_shot_job(return_embedding=False).job_id == zero_shot_job().job_id
 
 
-@pytest.mark.parametrize("labels, fragment", [([], "empty_labels"), (["cat", " "], "empty_labels"),
+@pytest.mark.parametrize("labels, fragment", [([], "at least one candidate label"),
+                                              (["cat", " "], "must not be blank"),
                                               (["a"] * 2, "unique"),
                                               ([f"l{i}" for i in range(10_000)], "at most")])
 def test_bad_label_lists_are_rejected_with_a_reason(labels: list[str], fragment: str) -> None:
     with pytest.raises(ValidationError, match=fragment):
         ZeroShotOptions(labels=labels)
+
+
+@pytest.mark.parametrize("job, code", [
+    ({**ZERO_SHOT, "zero_shot": {"labels": []}}, ErrorCode.EMPTY_LABELS),
+    ({**ZERO_SHOT, "zero_shot": {"labels": ["cat", " "]}}, ErrorCode.EMPTY_LABELS),
+    ({**TEXT, "text": ""}, ErrorCode.EMPTY_TEXT),
+    ({**TEXT, "text": " \n\t "}, ErrorCode.EMPTY_TEXT),
+], ids=["empty_labels", "blank_label", "empty_text", "blank_text"])
+def test_a_validator_raises_a_typed_error_whose_type_is_the_code(job: dict[str, Any],
+                                                                  code: ErrorCode) -> None:
+    with pytest.raises(ValidationError) as caught:
+        Job.model_validate(job)
+    [error] = caught.value.errors(include_url=False)
+    assert error["type"] == code.value
+    assert code.value not in error["msg"] and "Value error" not in error["msg"]
+
+
+@pytest.mark.parametrize("job, code", [
+    ({**ZERO_SHOT, "zero_shot": {"labels": []}}, ErrorCode.EMPTY_LABELS),
+    ({**ZERO_SHOT, "zero_shot": {"labels": ["cat", " "]}}, ErrorCode.EMPTY_LABELS),
+    ({**TEXT, "text": ""}, ErrorCode.EMPTY_TEXT),
+    ({**TEXT, "text": " \n\t "}, ErrorCode.EMPTY_TEXT),
+    ({**ZERO_SHOT, "zero_shot": {"labels": [f"l{i}" for i in range(MAX_LABELS + 1)]}},
+     ErrorCode.TOO_MANY_LABELS),
+    ({**TEXT, "text": "x" * (MAX_TEXT_CHARS + 1)}, ErrorCode.INVALID_TEXT),
+    ({**TEXT, "text": "caf\udce9"}, ErrorCode.INVALID_TEXT),
+    ({**TEXT, "text": 42}, ErrorCode.INVALID_TEXT),
+    ({**ZERO_SHOT, "zero_shot": {"labels": ["cat", "cat"]}}, ErrorCode.INVALID_JOB),
+    ({**TEXT, "text": "a", "image": "s3://b/k.jpg"}, ErrorCode.INVALID_JOB),
+    ({**TEXT, "text": "a", "priority": 9}, ErrorCode.INVALID_JOB),
+    ({"model": MODEL, "image": "s3://b/k.jpg"}, ErrorCode.INVALID_JOB),
+], ids=["empty_labels", "blank_label", "empty_text", "blank_text", "too_many_labels",
+        "text_too_long", "text_lone_surrogate", "text_not_a_string", "duplicate_labels",
+        "image_and_text", "unknown_field", "missing_task"])
+def test_a_job_that_does_not_validate_gets_its_most_specific_code(job: dict[str, Any],
+                                                                  code: ErrorCode) -> None:
+    with pytest.raises(ValidationError) as caught:
+        JobMessage.model_validate({"jobs": [job]})  # as the worker parses each job
+    assert validation_code(caught.value) is code
+
+
+def test_the_rejection_message_names_where_and_what_without_the_code() -> None:
+    with pytest.raises(ValidationError) as caught:
+        JobMessage.model_validate({"jobs": [{**ZERO_SHOT, "zero_shot": {"labels": []}}]})
+    assert validation_message(caught.value) == (
+        "jobs.0.zero_shot.labels: at least one candidate label is required")
+
+
+def test_error_codes_are_never_pydantic_error_types() -> None:
+    """A validation error's type is read as a code, so no built-in type may look like one."""
+    assert not {code.value for code in ErrorCode} & set(get_args(ErrorType))
 
 
 def test_templates_need_exactly_one_slot() -> None:
@@ -85,6 +143,6 @@ def test_schemas_and_producer_never_import_torch() -> None:
 
 
 def test_json_schema_export_covers_jobs_and_results() -> None:
-    out = subprocess.run([sys.executable, "-m", "worker.cli", "schema"], check=True,
+    out = subprocess.run([sys.executable, "-m", "dualstream.cli", "schema"], check=True,
                          capture_output=True, text=True).stdout
     assert '"job_result"' in out and '"zero_shot"' in out

@@ -1,7 +1,8 @@
 """Durable outputs: one shard per flushed batch and modality, committed by its manifest.
 
 A shard is three objects written in order: embeddings (`.npy`), row-aligned metadata
-(`.parquet`), then the manifest (`.json`). Readers take only shards that have a manifest. Each
+(`.parquet`, one `MetadataRow` per row), then the manifest (`.json`, a `ShardManifest`; both
+models are in `schemas/outputs.py`). Readers take only shards that have a manifest. Each
 row is claimed in Redis before it is written, so a job redelivered after a crash, or run on two
 workers at once, ends up in exactly one committed shard.
 """
@@ -9,7 +10,6 @@ workers at once, ends up in exactly one committed shard.
 from __future__ import annotations
 
 import io
-import json
 import time
 import uuid
 from collections.abc import Sequence
@@ -19,12 +19,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from control.objects import OutputStore
+from control.results import ResultStore
 from schemas.errors import JobBusy
 from schemas.jobs import Job
 from schemas.keys import ShardPaths
+from schemas.outputs import METADATA_COLUMNS, ColumnType, MetadataRow, ShardManifest
 from schemas.results import LabelScore, OutputLocation
-from worker.results import ResultStore
-from worker.storage import OutputStore
+
+_ARROW_TYPES: dict[ColumnType, pa.DataType] = {
+    ColumnType.INT32: pa.int32(),
+    ColumnType.STRING: pa.string(),
+    ColumnType.BOOL: pa.bool_(),
+    ColumnType.STRING_LIST: pa.list_(pa.string()),
+    ColumnType.FLOAT32_LIST: pa.list_(pa.float32()),
+}
+METADATA_SCHEMA = pa.schema([(name, _ARROW_TYPES[kind])
+                             for name, kind in METADATA_COLUMNS.items()])
 
 
 @dataclass(frozen=True)
@@ -49,20 +60,31 @@ def new_shard_id(worker: str) -> str:
     return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{worker}-{uuid.uuid4().hex[:8]}"
 
 
+def _metadata_row(row: int, output: OutputRow) -> MetadataRow:
+    labels = output.labels or []
+    return MetadataRow(row=row, job_id=output.job.job_id, source=output.job.source,
+                       etag=output.etag, task=output.job.task, model=output.job.model,
+                       labels=[s.label for s in labels], scores=[s.score for s in labels],
+                       text_truncated=output.text_truncated)
+
+
 def _metadata_table(rows: Sequence[OutputRow]) -> pa.Table:
-    return pa.table({
-        "row": pa.array(range(len(rows)), pa.int32()),
-        "job_id": [r.job.job_id for r in rows],
-        "source": [r.job.source for r in rows],
-        "etag": [r.etag for r in rows],
-        "task": [r.job.task.value for r in rows],
-        "model": [r.job.model for r in rows],
-        "labels": pa.array([[s.label for s in r.labels] if r.labels else [] for r in rows],
-                           pa.list_(pa.string())),
-        "scores": pa.array([[s.score for s in r.labels] if r.labels else [] for r in rows],
-                           pa.list_(pa.float32())),
-        "text_truncated": [r.text_truncated for r in rows],
-    })
+    return pa.Table.from_pylist([_metadata_row(i, r).model_dump(mode="json")
+                                 for i, r in enumerate(rows)], schema=METADATA_SCHEMA)
+
+
+def _manifest(paths: ShardPaths, shard: str, rows: Sequence[OutputRow]) -> ShardManifest:
+    return ShardManifest(
+        shard=shard,
+        model=rows[0].job.model,
+        modality=paths.modality,
+        rows=len(rows),
+        dim=int(rows[0].embedding.shape[-1]),
+        embeddings=paths.embeddings(shard).rsplit("/", 1)[-1],
+        metadata=paths.metadata(shard).rsplit("/", 1)[-1],
+        jobs=tuple(r.job.job_id for r in rows),
+        created_at=time.time(),
+    )
 
 
 def _npy_bytes(rows: Sequence[OutputRow]) -> bytes:
@@ -125,11 +147,11 @@ class ShardWriter:
         raw = self._store.get(paths.manifest(shard))
         if raw is None:
             return None
-        jobs: list[str] = json.loads(raw)["jobs"]
-        if job_id not in jobs:
+        row = ShardManifest.model_validate_json(raw).row_of(job_id)
+        if row is None:
             return None
         return RowOutcome(location=OutputLocation(
-            shard=self._store.uri(paths.embeddings(shard)), row=jobs.index(job_id)))
+            shard=self._store.uri(paths.embeddings(shard)), row=row))
 
     def _commit(self, paths: ShardPaths, shard: str,
                 rows: Sequence[OutputRow]) -> list[RowOutcome]:
@@ -144,17 +166,7 @@ class ShardWriter:
             kept = iter(self._commit(paths, shard, survivors))
             lost = RowOutcome(busy=JobBusy("claim lost to another writer", retry_after_s=1.0))
             return [next(kept) if ok else lost for ok in held]
-        manifest = {
-            "shard": shard,
-            "model": rows[0].job.model,
-            "modality": paths.modality,
-            "rows": len(rows),
-            "dim": int(rows[0].embedding.shape[-1]),
-            "embeddings": paths.embeddings(shard).rsplit("/", 1)[-1],
-            "metadata": paths.metadata(shard).rsplit("/", 1)[-1],
-            "jobs": [r.job.job_id for r in rows],
-            "created_at": time.time(),
-        }
-        self._store.put(paths.manifest(shard), json.dumps(manifest).encode())
+        self._store.put(paths.manifest(shard),
+                        _manifest(paths, shard, rows).model_dump_json().encode())
         uri = self._store.uri(paths.embeddings(shard))
         return [RowOutcome(location=OutputLocation(shard=uri, row=i)) for i in range(len(rows))]

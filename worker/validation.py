@@ -6,15 +6,19 @@ from pydantic import ValidationError
 
 from schemas.errors import ErrorCode
 
-_CODE_MARKERS = {"empty_text:": ErrorCode.EMPTY_TEXT, "empty_labels:": ErrorCode.EMPTY_LABELS}
+# The validators in `schemas/jobs.py` raise errors whose pydantic `type` is an error code.
+_CODES = {code.value: code for code in ErrorCode}
 
 
 def validation_code(exc: ValidationError) -> ErrorCode:
-    """The most specific stable code for a job that does not validate."""
+    """The most specific stable code for a job that does not validate.
+
+    The first error that names one decides: a code raised by a validator as the error's type,
+    a label list over the limit, then any error under `text`; otherwise `invalid_job`.
+    """
     for error in exc.errors(include_url=False):
-        for marker, code in _CODE_MARKERS.items():
-            if marker in error["msg"]:
-                return code
+        if error["type"] in _CODES:
+            return _CODES[error["type"]]
         loc = error["loc"]
         if loc[-1:] == ("labels",) and error["type"] == "too_long":
             return ErrorCode.TOO_MANY_LABELS
