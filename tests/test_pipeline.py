@@ -11,6 +11,8 @@ import pytest
 import redis
 import torch
 
+from control.objects import LocalOutputStore
+from control.results import ResultStore
 from schemas.errors import ErrorCode, TransientError
 from schemas.jobs import Job, Task, ZeroShotOptions
 from schemas.keys import RedisKeys
@@ -19,10 +21,10 @@ from schemas.settings import Settings
 from tests.fixtures.bad_images import bad_image_corpus
 from tests.images import jpeg_bytes
 from worker.embed import embed_images, embed_texts
+from worker.forward import BatchForward
 from worker.outputs import ShardWriter
 from worker.pipeline import Pipeline
-from worker.results import ResultStore
-from worker.storage import LocalOutputStore, SourceReader
+from worker.sources import SourceReader
 from worker.zeroshot import LabelEmbeddingCache, score
 
 FAMILY = "openclip"
@@ -176,16 +178,16 @@ def test_a_batch_that_fails_outside_the_forward_fails_its_jobs_not_the_pipeline(
 ) -> None:
     pipeline, settings = make_pipeline()
     first, second = write_images(tmp_path, 2)
-    stack = Pipeline._stack
+    stack = BatchForward._stack
     calls = []
 
-    def failing_once(self: Pipeline, items: list[Any]) -> torch.Tensor:
+    def failing_once(self: BatchForward, items: list[Any]) -> torch.Tensor:
         calls.append(len(items))
         if len(calls) == 1:
             raise error
         return stack(self, items)
 
-    monkeypatch.setattr(Pipeline, "_stack", failing_once)
+    monkeypatch.setattr(BatchForward, "_stack", failing_once)
     future = pipeline.submit([image_job(first, settings.model)])[0]
     if retried:
         with pytest.raises(TransientError):
