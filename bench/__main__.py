@@ -1,4 +1,4 @@
-"""`python -m bench`: the same as `dualstream bench`."""
+"""`python -m bench`: see bench/__init__.py."""
 
 from bench.cli import bench_command
 

@@ -39,13 +39,14 @@ import torch
 
 from bench.ceiling import CeilingConfig
 from bench.procs import CpuWindow
+from control.objects import LocalOutputStore
 from schemas.jobs import Job
 from schemas.keys import ShardPaths
 from schemas.settings import Settings
 from worker.models.base import Encoder
 from worker.models.loader import load_encoder
 from worker.prepare import ImagePreparer
-from worker.storage import LocalOutputStore, SourceReader
+from worker.sources import SourceReader
 from worker.tensor_decode import CheckedJpeg
 from worker.zeroshot import LabelEmbeddingCache, score
 

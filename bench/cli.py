@@ -1,4 +1,4 @@
-"""`dualstream bench` (and `python -m bench`): run the benchmark, print the table, write JSON."""
+"""`python -m bench`: run the benchmark, print the table, write JSON."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import click
 from bench.images import SIZES, parse_sizes
 from bench.models import DEFAULT_CACHE, MODELS
 from bench.plan import DEFAULT_PLANS, apply_overrides
-
-MODES = ("ceiling", "dualstream", "naive")
+from bench.run import MODES, BenchOptions, render_table, run_benchmark
 
 
 def _csv(value: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
@@ -66,8 +65,6 @@ def bench_command(models: str, modes: str, images: int | None, vit_images: int |
                   workdir: Path, profile: str | None, model_cache: Path,
                   json_out: Path | None) -> None:
     """Throughput and latency: ceiling vs dualstream vs naive Celery, tiny and ViT-B/16."""
-    from bench.run import BenchOptions, render_table, run_benchmark
-
     sized = list(overrides)
     if images is not None:
         sized.insert(0, f"tiny.images={images}")

@@ -28,13 +28,13 @@ from pydantic import SecretStr
 
 from bench.procs import CpuWindow, Watched, clean_env, start_watched, wait_until
 from bench.profile import Profiler
+from control.connections import redis_client
+from control.results import ResultStore
 from schemas.jobs import Job, Task, ZeroShotOptions
 from schemas.keys import RedisKeys, ShardPaths
 from schemas.results import JobResult, Status
 from schemas.settings import Settings
-from worker.connections import redis_client
 from worker.local import start_redis_server
-from worker.results import ResultStore
 
 READY_TIMEOUT_S = 600
 
@@ -104,7 +104,7 @@ class Submitter:
 
 def _worker_args(plan: E2EPlan) -> list[str]:
     if plan.mode == "dualstream":
-        return ["-m", "worker.cli", "worker", "--loglevel", "WARNING"]
+        return ["-m", "dualstream.cli", "worker", "--loglevel", "WARNING"]
     return ["-m", "bench.naive", "--pool", plan.naive_pool, "--concurrency",
             str(plan.naive_concurrency), "--loglevel", "WARNING"]
 

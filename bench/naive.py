@@ -65,12 +65,13 @@ class _State:
     def __post_init__(self) -> None:
         import torch
 
-        from worker.connections import redis_client
+        from control.connections import redis_client
+        from control.objects import output_store
+        from control.results import ResultStore
         from worker.models.loader import load_encoder
         from worker.outputs import ShardWriter
         from worker.prepare import ImagePreparer
-        from worker.results import ResultStore
-        from worker.storage import SourceReader, output_store
+        from worker.sources import SourceReader
         from worker.zeroshot import LabelEmbeddingCache
 
         settings = self.settings

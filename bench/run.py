@@ -24,7 +24,6 @@ from typing import Any
 import psutil
 
 from bench.ceiling import CeilingConfig, CeilingProcess
-from bench.cli import MODES
 from bench.e2e import E2EPlan, EndToEnd, make_jobs, percentiles
 from bench.images import SIZES, Size, corpus_summary, make_corpus
 from bench.models import DEFAULT_CACHE, model_spec
@@ -33,6 +32,8 @@ from bench.procs import REPO, clean_env
 
 LABELS = ["cat", "dog", "car", "tree", "house", "person", "bird", "boat", "flower", "mountain"]
 MIB = 1024 * 1024
+
+MODES = ("ceiling", "dualstream", "naive")
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from control.objects import S3Location, iter_s3_keys, local_path
 from schemas.jobs import Job, Task, ZeroShotOptions
-from worker.storage import S3Location, iter_s3_keys, local_path
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
 

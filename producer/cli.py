@@ -92,7 +92,7 @@ def bulk(source: str, model: str | None, labels: str | None, templates: str, top
                           suffixes=suffixes or IMAGE_SUFFIXES)
     s3 = None
     if source.startswith("s3://"):
-        from worker.connections import s3_client
+        from control.connections import s3_client
 
         s3 = s3_client(client.settings)
     jobs = tqdm(jobs_for(request, list_sources(source, request.suffixes, s3)),
@@ -160,8 +160,8 @@ def dlq() -> None:
 
 
 def _dead_letters() -> Any:
-    from worker.connections import redis_client
-    from worker.deadletters import DeadLetterStore
+    from control.connections import redis_client
+    from control.deadletters import DeadLetterStore
 
     settings = Settings()
     return DeadLetterStore(redis_client(settings), RedisKeys(settings.key_prefix))
@@ -171,7 +171,7 @@ def _dead_letters() -> Any:
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per dead letter")
 def dlq_list(as_json: bool) -> None:
     """One line per dead letter, oldest first: id, code, deliveries, error, payload."""
-    from worker.deadletters import payload_preview
+    from control.deadletters import payload_preview
 
     for letter in _dead_letters().list():
         if as_json:

@@ -13,12 +13,13 @@ from itertools import islice
 
 from celery import Celery
 
+from control.broker import producer_app
+from control.connections import redis_client
+from control.results import ResultStore
 from schemas.jobs import MAX_JOBS_PER_MESSAGE, Job, JobMessage, Task, ZeroShotOptions
 from schemas.keys import TASK_NAME, RedisKeys, queue_name
 from schemas.results import JobResult, Status
 from schemas.settings import Settings
-from worker.connections import redis_client
-from worker.results import ResultStore
 
 
 def _chunks(items: Iterable[Job], size: int) -> Iterator[list[Job]]:
@@ -33,10 +34,8 @@ class ResultTimeout(TimeoutError):
 
 class Client:
     def __init__(self, settings: Settings, app: Celery | None = None) -> None:
-        from worker.celery_app import create_app
-
         self.settings = settings
-        self.app = app or create_app(settings)
+        self.app = app or producer_app(settings)
         self.redis = redis_client(settings)
         self.keys = RedisKeys(settings.key_prefix)
         self.results = ResultStore(self.redis, self.keys, settings.result_ttl_s)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
+from control.deadletters import DeadLetterStore
 from producer.cli import _client, _zero_shot, with_zero_shot
 from producer.event_sources import EventSubmitter, poll_sqs, webhook_server
 from producer.events import EventJobTemplate
 from schemas.keys import RedisKeys
-from worker.deadletters import DeadLetterStore
 
 
 def _submitter(model: str | None, labels: str | None, templates: str, top_k: int,

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from control.deadletters import DeadLetterStore
 from producer.client import Client
 from producer.events import EventJobTemplate, parse_event
 from schemas.errors import ErrorCode, InvalidJob
-from worker.deadletters import DeadLetterStore
 
 log = logging.getLogger(__name__)
 MAX_WEBHOOK_BYTES = 1024 * 1024

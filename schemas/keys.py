@@ -37,8 +37,15 @@ class RedisKeys:
         """Set of job ids submitted under one bulk run."""
         return f"{self.prefix}:run:{run_id}:jobs"
 
-    def run_info(self, run_id: str) -> str:
-        return f"{self.prefix}:run:{run_id}:info"
+    def inflight(self, consumer: str, queue: str) -> str:
+        """The messages of `queue` that one consumer holds (control/inflight.py); the queue
+        is what follows the last `|`."""
+        return f"{self.prefix}:inflight|{consumer}|{queue}"
+
+    @property
+    def consumers(self) -> str:
+        """Sorted set: each in-flight list, scored by its consumer's last heartbeat (ms)."""
+        return f"{self.prefix}:consumers"
 
     def deliveries(self, message_id: str) -> str:
         return f"{self.prefix}:deliveries:{message_id}"
@@ -60,7 +67,8 @@ class ShardPaths:
     <root>/<model-slug>/<modality>/<shard_id>.json     manifest: written last; its presence
                                                        commits the shard
 
-    `modality` is `image` or `text`, so each directory holds vectors of one kind.
+    `modality` is `image` or `text`, so each directory holds vectors of one kind. The manifest
+    and the metadata columns are described in `schemas/outputs.py`.
     """
 
     model: str

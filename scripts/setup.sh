@@ -16,9 +16,10 @@ PYTHON=${PYTHON:-python3}
 stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
     .venv/bin/pip install -q --upgrade pip
-    # torch first, pinned with its matching torchvision (see MODELS.md: other pairs fail to import).
+    # torch first, pinned with its matching torchvision: with torch 2.13.0, open_clip pulls in a
+    # torchvision that fails to import, so torch 2.14.1 and torchvision 0.29.1 go in first.
     .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
-    .venv/bin/pip install -q -e '.[worker,dev]'
+    .venv/bin/pip install -q -e '.[worker,bench,dev]'
     rm -f .venv/.installed-*
     touch "$stamp"
 fi

@@ -17,7 +17,7 @@ from worker.demo import SAMPLE_COLOURS
 def test_the_demo_prints_labels_for_every_sample_image(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DUALSTREAM_")}
     env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    run = subprocess.run([sys.executable, "-m", "worker.cli", "demo", "--workdir",
+    run = subprocess.run([sys.executable, "-m", "dualstream.cli", "demo", "--workdir",
                           str(tmp_path / "demo")], env=env, cwd=tmp_path, capture_output=True,
                          text=True, timeout=280)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -10,11 +10,11 @@ import pytest
 import redis
 from click.testing import CliRunner
 
+from control.deadletters import DeadLetterStore
 from producer.cli import dlq
 from schemas.errors import ErrorCode
 from schemas.jobs import Job, Task
 from schemas.keys import RedisKeys, queue_name
-from worker.deadletters import DeadLetterStore
 
 MODEL = "openclip:local-dir:/models/tiny"
 

@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 import redis
 
+from control.deadletters import DeadLetterStore
 from producer.client import Client
 from producer.event_sources import EventSubmitter, poll_sqs, webhook_server
 from producer.events import CreatedObject, EventJobTemplate, parse_event
 from schemas.errors import InvalidJob
 from schemas.keys import RedisKeys, queue_name
 from schemas.settings import Settings
-from worker.deadletters import DeadLetterStore
 
 MODEL = "tiny/model"
 

@@ -11,7 +11,7 @@ import pytest
 from schemas.errors import ErrorCode, SourceError, TransientError
 from schemas.settings import Settings
 from worker.http_source import HttpPolicy, fetch
-from worker.storage import SourceReader
+from worker.sources import SourceReader
 
 BODY = b"\xff\xd8 pretend jpeg bytes"
 

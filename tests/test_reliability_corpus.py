@@ -24,6 +24,7 @@ import pytest
 import redis
 from PIL import Image, ImageOps
 
+from control.deadletters import DeadLetter, DeadLetterStore
 from producer.client import Client
 from schemas.errors import ErrorCode
 from schemas.jobs import MAX_TEXT_CHARS, Job, JobMessage, Task, ZeroShotOptions
@@ -33,7 +34,6 @@ from schemas.settings import Settings
 from tests.fixtures.bad_images import bad_image_corpus, convertible_image_corpus
 from tests.fixtures.faults import FaultProxy, celery_message, wait_for, worker_launcher
 from tests.images import jpeg_bytes
-from worker.deadletters import DeadLetter, DeadLetterStore
 from worker.embed import embed_images
 
 pytestmark = pytest.mark.timeout(300)

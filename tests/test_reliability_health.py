@@ -34,7 +34,7 @@ STALL_TEXT = "the model loop gets stuck on this text"
 def probe_cli(health_dir: Path, which: str) -> bool:
     """Exit status 0 of the probe command, as Kubernetes would run it."""
     return subprocess.run(
-        [sys.executable, "-m", "worker.cli", "health", which, "--max-age", str(MAX_AGE_S)],
+        [sys.executable, "-m", "dualstream.cli", "health", which, "--max-age", str(MAX_AGE_S)],
         env=worker_env(health_dir=str(health_dir)), cwd=REPO, timeout=60).returncode == 0
 
 

@@ -2,7 +2,7 @@
 one result.
 
 Every copy of a job has the same job id (a hash of its content). Before a row is written the
-writer claims the job in Redis (worker/results.py); a job already done is not written again,
+writer claims the job in Redis (control/results.py); a job already done is not written again,
 and one claimed by a live writer is retried once the claim is released or its lease ends.
 """
 

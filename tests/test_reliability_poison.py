@@ -21,17 +21,23 @@ from typing import Any
 import pytest
 import redis
 
+from control.deadletters import DeadLetterStore
 from producer.client import Client
 from schemas.errors import ErrorCode
 from schemas.jobs import Job, JobMessage, Task
 from schemas.keys import RedisKeys, queue_name
 from schemas.results import Status
 from schemas.settings import Settings
-from tests.fixtures.faults import KILL_ON_ENV, celery_message, wait_for, worker_launcher
+from tests.fixtures.faults import (
+    KILL_ON_ENV,
+    RAISE_ON_ENV,
+    celery_message,
+    wait_for,
+    worker_launcher,
+)
 from tests.fixtures.services import REPO, worker_env
 from tests.images import jpeg_bytes
-from worker.deadletters import DeadLetterStore
-from worker.runtime import Runtime
+from worker.runtime import Runtime, build_runtime
 from worker.suspect_gate import SuspectGate
 
 pytestmark = pytest.mark.timeout(300)
@@ -42,7 +48,7 @@ MARKER = "POISON"
 
 
 def dlq_cli(redis_url: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "worker.cli", "dlq", *args],
+    return subprocess.run([sys.executable, "-m", "dualstream.cli", "dlq", *args],
                           env=worker_env(redis_url=redis_url), cwd=REPO, capture_output=True,
                           text=True, timeout=120, check=check)
 
@@ -110,6 +116,33 @@ def test_a_message_that_kills_its_worker_every_time_is_quarantined_after_n_deliv
     assert dlq_cli(redis_url, "list").stdout == "" and store.list() == []
 
 
+
+def test_a_message_whose_handling_raises_on_every_delivery_is_dead_lettered_never_lost(
+        worker_launcher: Any, redis_url: str, tiny_model_dirs: dict[str, str],
+        tmp_path: Path) -> None:
+    """A real worker: an unexpected exception (a bug) on every delivery is requeued, never
+    acknowledged, until `max_deliveries`, then quarantined with that error; its neighbours
+    complete."""
+    model = tiny_model_dirs["openclip"]
+    settings = {"redis_url": redis_url, "model": model, "max_deliveries": MAX_DELIVERIES,
+                "output_uri": (tmp_path / "out").as_uri(), "health_dir": str(tmp_path / "h")}
+    worker = worker_launcher(settings, faults={RAISE_ON_ENV: "trigger"})
+    client = Client(Settings(redis_url=redis_url, model=model))
+    bad = client.submit(Job(task=Task.TEXT_EMBEDDING, text="trigger", model=model))
+    good = client.submit_many([Job(task=Task.TEXT_EMBEDDING, text=f"fine {i}", model=model)
+                               for i in range(4)])
+    failed = client.result(bad, timeout=120)
+    assert failed.error is not None and failed.error.code is ErrorCode.POISON_MESSAGE
+    assert all(r.status is Status.DONE for r in client.wait(good, timeout=120))
+    store = DeadLetterStore(redis.Redis.from_url(redis_url), RedisKeys())
+    [letter] = store.list()
+    assert letter.code is ErrorCode.POISON_MESSAGE
+    assert "last error: RuntimeError: a bug that fires on 'trigger'" in letter.error
+    assert JobMessage.model_validate(letter.payload).jobs[0].job_id == bad
+    assert worker.output().count("not handled (RuntimeError") == MAX_DELIVERIES
+    assert redis.Redis.from_url(redis_url).llen(queue_name(model)) == 0
+    assert worker.process.poll() is None
+
 def _job_ids(raw: bytes) -> list[str]:
     import base64
 
@@ -126,7 +159,7 @@ def runtime(redis_url: str, tmp_path: Path, tiny_encoders: dict[str, Any]) -> An
     settings = Settings(redis_url=redis_url, model=encoder.model_id, local_root=str(tmp_path),
                         output_uri=(tmp_path / "out").as_uri(), health_dir=str(tmp_path / "h"),
                         max_deliveries=MAX_DELIVERIES)
-    runtime = Runtime(settings, encoder=encoder)
+    runtime = build_runtime(settings, encoder=encoder)
     yield runtime
     runtime.close()
 
@@ -150,11 +183,11 @@ def test_a_poison_message_of_several_jobs_is_split_so_that_only_the_culprit_is_q
         runtime: Runtime, tmp_path: Path) -> None:
     model = runtime.settings.model
     done, culprit, other = _image_jobs(tmp_path, model, 3)
-    runtime.handle({"jobs": [done.model_dump(mode="json")]}, message_id="m0", attempt=1)
+    runtime.policy.handle({"jobs": [done.model_dump(mode="json")]}, message_id="m0", attempt=1)
     payload = JobMessage(jobs=[done, culprit, other], run_id="run-x").model_dump(mode="json")
     _lost(runtime, "m1", MAX_DELIVERIES)
 
-    outcome = runtime.handle(payload, message_id="m1", attempt=1)
+    outcome = runtime.policy.handle(payload, message_id="m1", attempt=1)
     assert not outcome.dead_lettered and runtime.dead_letters.list() == []
     split = [JobMessage.model_validate(message) for message in outcome.resend]
     assert [m.jobs for m in split] == [[culprit], [other]], "unfinished jobs, one per message"
@@ -162,7 +195,7 @@ def test_a_poison_message_of_several_jobs_is_split_so_that_only_the_culprit_is_q
     assert runtime.dead_letters.previous_delivery("m1") is None
 
     _lost(runtime, "m2", MAX_DELIVERIES)
-    outcome = runtime.handle(outcome.resend[0], message_id="m2", attempt=1)
+    outcome = runtime.policy.handle(outcome.resend[0], message_id="m2", attempt=1)
     assert outcome.dead_lettered
     [letter] = runtime.dead_letters.list()
     assert letter.payload == outcome_payload(culprit) and letter.deliveries == MAX_DELIVERIES
@@ -188,8 +221,8 @@ def test_an_error_raised_on_every_delivery_quarantines_with_the_last_error(
     monkeypatch.setattr(runtime.pipeline, "submit", broken)
     for _ in range(MAX_DELIVERIES):
         with pytest.raises(RuntimeError):
-            runtime.handle(payload, message_id="m", attempt=1)
-    assert runtime.handle(payload, message_id="m", attempt=1).dead_lettered
+            runtime.policy.handle(payload, message_id="m", attempt=1)
+    assert runtime.policy.handle(payload, message_id="m", attempt=1).dead_lettered
     [letter] = runtime.dead_letters.list()
     assert letter.code is ErrorCode.POISON_MESSAGE
     assert "last error: RuntimeError: a bug that fires on this message" in letter.error

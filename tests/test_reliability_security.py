@@ -21,6 +21,7 @@ import boto3
 import pytest
 import redis
 
+from control.deadletters import DeadLetterStore
 from producer.client import Client
 from schemas.keys import RedisKeys, queue_name
 from schemas.results import Status
@@ -35,7 +36,6 @@ from tests.fixtures.faults import (
 )
 from tests.fixtures.services import REPO, WorkerProcess, worker_env
 from tests.images import jpeg_bytes
-from worker.deadletters import DeadLetterStore
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -83,7 +83,7 @@ def test_jobs_run_over_redis_with_auth_and_tls(secure: SecureSetup) -> None:
     image = client.embed_image(f"s3://{secure.bucket}/cat.jpg")
     text = client.embed_text("a cat on a mat")
     assert [r.status for r in client.wait([image, text], timeout=120)] == [Status.DONE] * 2
-    listed = subprocess.run([sys.executable, "-m", "worker.cli", "dlq", "list"],
+    listed = subprocess.run([sys.executable, "-m", "dualstream.cli", "dlq", "list"],
                             env=worker_env(**secure.settings), cwd=REPO, capture_output=True,
                             text=True, timeout=120)
     assert listed.returncode == 0, listed.stderr

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import redis
 
+from control.objects import LocalOutputStore
 from producer.client import Client
 from schemas.jobs import Job, Task
 from schemas.keys import ShardPaths, queue_name
@@ -28,7 +29,6 @@ from tests.fixtures.faults import (
     worker_launcher,
 )
 from tests.test_worker_e2e import upload_images
-from worker.storage import LocalOutputStore
 
 pytestmark = pytest.mark.timeout(300)
 _ = (worker_launcher, owned_redis)  # fixtures
@@ -131,7 +131,7 @@ def test_the_clients_retry_with_jittered_exponential_backoff() -> None:
     (rand × min(2^i × base, 20 s), and a client-side rate limit after throttling)."""
     import redis.backoff
 
-    from worker.connections import redis_client, s3_client
+    from control.connections import redis_client, s3_client
 
     retry = redis_client(Settings()).get_retry()
     assert retry is not None and retry._retries == 6

@@ -11,7 +11,7 @@ import pytest
 
 from schemas.errors import ErrorCode, SourceError
 from schemas.settings import Settings
-from worker.storage import SourceReader
+from worker.sources import SourceReader
 
 
 @pytest.fixture

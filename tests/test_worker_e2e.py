@@ -64,9 +64,9 @@ def test_bulk_over_a_bucket_labels_every_image_and_stores_exact_embeddings(
         start_worker: Any, settings: Settings, s3: Any, bucket: str, tiny_encoders: Any) -> None:
     images = upload_images(s3, bucket, 12)
     s3.put_object(Bucket=bucket, Key="photos/notes.txt", Body=b"not an image")
-    run_worker(start_worker, settings)
+    worker = run_worker(start_worker, settings)
     cli = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "bulk", f"s3://{bucket}/photos/",
+        [sys.executable, "-m", "dualstream.cli", "bulk", f"s3://{bucket}/photos/",
          "--labels", ",".join(LABELS), "--per-message", "5", "--wait"],
         env=worker_env(redis_url=settings.redis_dsn, s3_endpoint_url=settings.s3_endpoint_url,
                        model=settings.model),
@@ -90,6 +90,7 @@ def test_bulk_over_a_bucket_labels_every_image_and_stores_exact_embeddings(
             np.testing.assert_allclose(array[row], by_source[source], atol=1e-5)
             stored += 1
     assert stored == 12
+    assert "DuplicateTaskNameWarning" not in worker.output()
 
 
 def test_the_worker_batches_across_messages(start_worker: Any, settings: Settings, s3: Any,
@@ -97,7 +98,7 @@ def test_the_worker_batches_across_messages(start_worker: Any, settings: Setting
     upload_images(s3, bucket, 64)
     client = Client(settings)
     request = BulkRequest(source=f"s3://{bucket}/photos/", model=settings.model)
-    from worker.connections import s3_client
+    from control.connections import s3_client
 
     sources = list_sources(request.source, request.suffixes, s3_client(settings))
     ids = client.submit_many(jobs_for(request, sources), per_message=1)  # 64 messages

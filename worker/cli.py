@@ -1,4 +1,8 @@
-"""The `dualstream` command. Torch is imported only by the commands that run a model."""
+"""The worker's commands: `worker`, `demo`, `tiny-model`, `health`.
+
+The `dualstream` root (`dualstream/cli.py`) lists them in every install, so their model-side
+imports happen when one runs: without the `[worker]` extra, the root says what is missing.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,6 @@ from typing import TYPE_CHECKING
 
 import click
 
-from bench.cli import bench_command
-from producer.cli import COMMANDS
-from producer.event_cli import events
 from schemas.keys import model_slug, queue_name
 from schemas.settings import Settings
 
@@ -17,16 +18,7 @@ if TYPE_CHECKING:
     from celery import Celery
 
 
-@click.group()
-def main() -> None:
-    """dualstream: embeddings and zero-shot labels for images and texts, from a queue."""
-
-
-for command in [*COMMANDS, events, bench_command]:
-    main.add_command(command)
-
-
-@main.command()
+@click.command()
 @click.option("--model", default=None, help="model spec to serve (default: DUALSTREAM_MODEL)")
 @click.option("--concurrency", type=int, default=None, help="unacknowledged messages held")
 @click.option("--loglevel", default="INFO")
@@ -64,7 +56,7 @@ def _run_celery(app: Celery, argv: list[str]) -> int:
         celery_command.params[0].default = None
 
 
-@main.command("tiny-model")
+@click.command("tiny-model")
 @click.option("--family", type=click.Choice(["align", "openclip", "altclip"]), required=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 def tiny_model(family: str, out: Path) -> None:
@@ -74,7 +66,7 @@ def tiny_model(family: str, out: Path) -> None:
     click.echo(build_tiny_model(family, out))
 
 
-@main.command()
+@click.command()
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("dualstream-demo"), show_default=True)
 @click.option("--model", default=None, help="a real model spec instead of the tiny model")
@@ -88,7 +80,7 @@ def demo(workdir: Path, model: str | None, labels: str, images: Path | None) -> 
     run_demo(workdir, model, [x.strip() for x in labels.split(",")], images)
 
 
-@main.command()
+@click.command()
 @click.argument("which", type=click.Choice(["live", "ready"]))
 @click.option("--max-age", type=float, default=30.0, show_default=True,
               help="seconds since the worker last confirmed it")
@@ -100,5 +92,4 @@ def health(which: str, max_age: float) -> None:
         raise SystemExit(1)
 
 
-if __name__ == "__main__":
-    main()
+COMMANDS = [worker, tiny_model, demo, health]

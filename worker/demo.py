@@ -49,7 +49,7 @@ def make_sample_images(folder: Path) -> list[Path]:
 
 @contextmanager
 def worker_process(env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
-    process = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker",
+    process = subprocess.Popen([sys.executable, "-m", "dualstream.cli", "worker",
                                 "--loglevel", "WARNING"], env=env)
     try:
         yield process

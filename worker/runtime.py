@@ -1,299 +1,102 @@
-"""Everything one worker process holds: clients, the model, the pipeline; built once, lazily.
+"""The composition root of one worker process: clients, the model, the pipeline, the message
+policy and the health monitor, built once; and their deliberate shutdown order.
 
-`handle` turns one queue message into pipeline work and decides its fate: done (ack), retry
-later, requeue now, split, or dead-lettered. The rules, and the tests that prove them, are in
-docs/reliability.md:
-
-- A message is held at most `HOLD_FRACTION` of the visibility timeout; past that it is retried,
-  so a message is never restored to the queue while its worker still works on it.
-- A message that an earlier, unfinished delivery left a record for (its worker died) runs alone
-  in this process (`SuspectGate`), so a message that kills its worker takes no innocent
-  message's delivery count with it. After `max_deliveries` such starts it is quarantined; a
-  message of several jobs is first split into single-job messages, so only the culprit is.
-- After SIGTERM (`begin_drain`) no message starts; held ones get until the drain deadline to
-  finish and are requeued otherwise.
+The process holds one `Runtime`, built before the consumer starts (`worker/tasks.py`), so a
+forked child never inherits CUDA and a worker whose model does not load never takes a message.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from pydantic import ValidationError
+import redis
 
-from schemas.errors import ErrorCode, JobBusy, TransientError
-from schemas.jobs import Job, JobMessage
+from control.connections import redis_client
+from control.deadletters import DeadLetterStore
+from control.objects import output_store
+from control.results import ResultStore
 from schemas.keys import RedisKeys
-from schemas.results import ErrorInfo, JobResult, Status
 from schemas.settings import Settings
-from worker.connections import redis_client
-from worker.deadletters import DeadLetterStore, Delivery
 from worker.health import HealthMonitor
+from worker.message_policy import MessagePolicy
 from worker.models.base import Encoder
+from worker.models.loader import load_encoder
 from worker.outputs import ShardWriter
 from worker.pipeline import Pipeline
-from worker.results import ResultStore
-from worker.storage import SourceReader, output_store
-from worker.suspect_gate import SuspectGate
-from worker.validation import validation_code, validation_message
+from worker.sources import SourceReader
 
 log = logging.getLogger(__name__)
 
-# A message is held (unacknowledged) for at most this share of the visibility timeout, and may
-# wait for the suspect gate for at most `GATE_FRACTION` of it.
-HOLD_FRACTION = 0.7
-GATE_FRACTION = 0.35
-# SIGTERM → exit within `drain_timeout_s` (the grace period): held messages are settled (done
-# or requeued) by grace − reserve, the pipeline is closed by grace − TEARDOWN_S, and the
-# interpreter's own exit (about 2 s with torch loaded) takes the rest.
-DRAIN_RESERVE_SHARE = 0.25
-DRAIN_RESERVE_MIN_S, DRAIN_RESERVE_MAX_S = 3.0, 8.0
-TEARDOWN_S = 2.0
 # Pipeline.close may overrun its timeout by up to a second per stage thread it joins.
 PIPELINE_CLOSE_OVERRUN_S = 2.0
-_WAIT_SLICE_S = 0.25
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What to do with a message after handling it."""
-
-    retry: TransientError | None = None
-    retry_after_s: float | None = None
-    dead_lettered: bool = False
-    requeue: str | None = None  # why the message goes back on the queue as it is
-    resend: tuple[dict[str, Any], ...] = ()  # publish these, then ack (a split poison message)
 
 
 def worker_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+@dataclass
 class Runtime:
-    def __init__(self, settings: Settings, encoder: Encoder | None = None) -> None:
-        if encoder is None:
-            from worker.models.loader import load_encoder
+    settings: Settings
+    encoder: Encoder
+    results: ResultStore
+    dead_letters: DeadLetterStore
+    pipeline: Pipeline
+    policy: MessagePolicy
+    health: HealthMonitor
 
-            encoder = load_encoder(
-                settings.model, device=settings.device, dtype=settings.dtype,
-                channels_last=settings.channels_last, compile=settings.compile,
-            )
-        self.settings = settings
-        self.encoder = encoder
-        self.redis = redis_client(settings)
-        # Probes get a client that answers at once rather than after the retries.
-        self._probe_redis = redis_client(settings, retries=0, timeout_s=2.0)
-        keys = RedisKeys(settings.key_prefix)
-        self.results = ResultStore(self.redis, keys, settings.result_ttl_s)
-        self.dead_letters = DeadLetterStore(self.redis, keys)
-        writer = ShardWriter(output_store(settings), self.results, worker=worker_name(),
-                             lease_s=settings.claim_lease_s)
-        self.pipeline = Pipeline(settings, encoder, SourceReader(settings), writer, self.results)
-        self._gate = SuspectGate()
-        self._draining = threading.Event()
-        self._drain_deadline = float("inf")
-        self._close_by = float("inf")
-        self.health = HealthMonitor(
-            Path(settings.health_dir), interval_s=settings.health_interval_s,
-            stall_s=settings.stall_timeout_s, pipeline_ok=lambda: self.pipeline.healthy,
-            last_progress=lambda: self.pipeline.last_progress, broker_ok=self._redis_ok)
-        self.health.start()
-
-    def _redis_ok(self) -> bool:
-        try:
-            return bool(self._probe_redis.ping())
-        except Exception:  # noqa: BLE001 - any failure means not ready
-            return False
-
-    # One message ---------------------------------------------------------------------------
-    def handle(self, payload: Any, *, message_id: str, attempt: int,
-               queue: str | None = None) -> Outcome:
-        received = time.monotonic()
-        vt = self.settings.visibility_timeout_s
-        if self._draining.is_set():
-            return Outcome(requeue="the worker is draining")
-        previous = self.dead_letters.previous_delivery(message_id)
-        if previous is not None:
-            log.warning("message %s was being processed when a worker was lost (%d unfinished "
-                        "starts); running it alone", message_id, previous.count)
-        with self._gate.enter(exclusive=previous is not None,
-                              timeout=vt * GATE_FRACTION) as entered:
-            if not entered:
-                return Outcome(requeue="a message that was in flight when a worker died runs "
-                                       "alone here, and that took too long")
-            if self._draining.is_set():
-                return Outcome(requeue="the worker is draining")
-            return self._handle_counted(payload, message_id, attempt, queue, previous,
-                                                received + vt * HOLD_FRACTION)
-
-    def _handle_counted(self, payload: Any, message_id: str, attempt: int,
-                                queue: str | None, previous: Delivery | None,
-                                deadline: float) -> Outcome:
-        deliveries = self.dead_letters.count_delivery(message_id, worker_name())
-        if deliveries > self.settings.max_deliveries:
-            return self._quarantine(payload, message_id,
-                                    previous or Delivery(count=deliveries - 1), queue)
-        jobs = self._valid_jobs(payload, message_id, deliveries, queue)
-        try:
-            outcome = self._run(jobs, attempt, deadline) if jobs else Outcome()
-        except TransientError as exc:  # the pipeline refused the work: not this message's fault
-            outcome = Outcome(retry=exc)
-        except Exception as exc:
-            # Leave the delivery record standing, with the error: an error that recurs on
-            # every delivery quarantines the message like a crash would.
-            self._note_error(message_id, exc)
-            raise
-        if outcome.retry is not None and attempt > self.settings.max_retries:
-            self._give_up(jobs, outcome.retry, payload, message_id, deliveries, queue)
-            outcome = Outcome(dead_lettered=True)
-        self.dead_letters.end_delivery(message_id)
-        return outcome
-
-    def _note_error(self, message_id: str, exc: BaseException) -> None:
-        try:
-            self.dead_letters.note_error(message_id, f"{type(exc).__name__}: {exc}")
-        except Exception:  # Redis may be the reason we are here
-            log.warning("could not record the error of message %s", message_id, exc_info=True)
-
-    def _run(self, jobs: list[Job], attempt: int, deadline: float) -> Outcome:
-        pending = set(self.pipeline.submit(jobs, attempts=attempt))
-        done: set[concurrent.futures.Future[JobResult]] = set()
-        while pending:
-            limit = min(deadline, self._drain_deadline)
-            if time.monotonic() >= limit:
-                break
-            finished, pending = concurrent.futures.wait(
-                pending, timeout=min(limit - time.monotonic(), _WAIT_SLICE_S))
-            done |= finished
-        if pending:
-            if self._draining.is_set():
-                return Outcome(requeue=f"the drain deadline came with {len(pending)} jobs "
-                                       "unfinished")
-            return Outcome(retry=TransientError("the pipeline did not finish the message in time",
-                                                code=ErrorCode.INTERNAL))
-        errors = [f.exception() for f in done if f.exception() is not None]
-        if not errors:
-            return Outcome()
-        busy = [e for e in errors if isinstance(e, JobBusy)]
-        first = errors[0]
-        retry = first if isinstance(first, TransientError) else TransientError(str(first))
-        return Outcome(retry=retry, retry_after_s=max(b.retry_after_s for b in busy) if busy
-                       else None)
-
-    # Validation ----------------------------------------------------------------------------
-    def _valid_jobs(self, payload: Any, message_id: str, deliveries: int,
-                    queue: str | None) -> list[Job]:
-        """Parse the message job by job, so one malformed job does not sink its neighbours."""
-        raw_jobs = payload.get("jobs") if isinstance(payload, dict) else None
-        if not isinstance(raw_jobs, list) or not raw_jobs:
-            self._reject(payload, ErrorCode.INVALID_JOB,
-                         "a message is an object with a non-empty `jobs` list", message_id,
-                         deliveries, queue, index=None)
-            return []
-        jobs: list[Job] = []
-        for index, raw in enumerate(raw_jobs):
-            try:
-                job = JobMessage.model_validate({**payload, "jobs": [raw]}).jobs[0]
-            except ValidationError as exc:
-                self._reject(raw, validation_code(exc), validation_message(exc), message_id,
-                             deliveries, queue, index=index)
-                continue
-            if job.model != self.settings.model:
-                self._fail_now(job, ErrorCode.WRONG_MODEL,
-                               f"this worker serves {self.settings.model!r}, not {job.model!r}")
-                continue
-            jobs.append(job)
-        return jobs
-
-    def _reject(self, payload: Any, code: ErrorCode, error: str, message_id: str,
-                deliveries: int, queue: str | None, *, index: int | None) -> None:
-        log.warning("rejecting malformed job in message %s: [%s] %s", message_id, code, error)
-        self.dead_letters.add(payload=payload, code=code, error=error, message_id=message_id,
-                              deliveries=deliveries, queue=queue,
-                              dedupe_key=f"{message_id}:{'message' if index is None else index}")
-
-    def reject_undecodable(self, *, body: bytes | None, content_type: str | None,
-                           error: str, message_id: str | None, queue: str | None) -> None:
-        """A message that never reached the task: not JSON, or a refused content type."""
-        self.dead_letters.add(payload=None, code=ErrorCode.INVALID_JOB, error=error,
-                              message_id=message_id, deliveries=1, queue=queue, raw_body=body,
-                              content_type=content_type,
-                              dedupe_key=f"{message_id}:undecodable" if message_id else None)
-
-    def _fail_now(self, job: Job, code: ErrorCode, message: str) -> None:
-        self.results.put_many([JobResult(job_id=job.job_id, status=Status.FAILED, task=job.task,
-                                         model=job.model, source=job.source,
-                                         error=ErrorInfo(code=code, message=message))])
-
-    # Poison messages and giving up ---------------------------------------------------------
-    def _quarantine(self, payload: Any, message_id: str, previous: Delivery,
-                    queue: str | None) -> Outcome:
-        self.dead_letters.end_delivery(message_id)
-        try:
-            jobs = self._valid_jobs(payload, message_id, previous.count, queue)
-            unfinished = [job for job, status in zip(jobs, self.results.statuses(
-                [j.job_id for j in jobs]), strict=True) if status is not Status.DONE]
-        except Exception:  # what failed on every delivery may fail here too: quarantine anyway
-            log.exception("message %s: its jobs could not be read for the quarantine",
-                          message_id)
-            jobs, unfinished = [], []
-        if jobs and not unfinished:
-            log.warning("message %s was lost %d times, but its jobs are all done", message_id,
-                        previous.count)
-            return Outcome()
-        if len(unfinished) > 1:
-            log.error("message %s killed its worker %d times; splitting its %d unfinished jobs "
-                      "into one message each to find the culprit", message_id, previous.count,
-                      len(unfinished))
-            run_id = payload.get("run_id") if isinstance(payload, dict) else None
-            return Outcome(resend=tuple(
-                JobMessage(jobs=[job], run_id=run_id).model_dump(mode="json")
-                for job in unfinished))
-        letter = self.dead_letters.add(
-            payload=payload, code=ErrorCode.POISON_MESSAGE, error=previous.describe(),
-            message_id=message_id, deliveries=previous.count, queue=queue,
-            dedupe_key=f"{message_id}:poison")
-        log.error("message %s quarantined as dead letter %s: %s", message_id, letter.id,
-                  letter.error)
-        for job in unfinished:
-            self._fail_now(job, ErrorCode.POISON_MESSAGE,
-                           f"its message did not finish on any of {previous.count} deliveries; "
-                           f"quarantined as dead letter {letter.id}")
-        return Outcome(dead_lettered=True)
-
-    def _give_up(self, jobs: list[Job], error: TransientError, payload: Any, message_id: str,
-                 deliveries: int, queue: str | None) -> None:
-        unfinished = [job for job, status in zip(jobs, self.results.statuses(
-            [j.job_id for j in jobs]), strict=True) if status is not Status.DONE]
-        for job in unfinished:
-            self._fail_now(job, error.code, f"gave up after retries: {error.message}")
-        self.dead_letters.add(payload=payload, code=error.code, error=error.message,
-                              message_id=message_id, deliveries=deliveries, queue=queue,
-                              dedupe_key=f"{message_id}:gave-up")
-
-    # Shutdown ------------------------------------------------------------------------------
-    def begin_drain(self, grace_s: float) -> None:
-        """SIGTERM: start nothing new, settle held messages before the grace period ends."""
-        now = time.monotonic()
-        reserve = min(DRAIN_RESERVE_MAX_S, max(DRAIN_RESERVE_MIN_S, grace_s * DRAIN_RESERVE_SHARE))
-        self._close_by = min(self._close_by, now + grace_s - TEARDOWN_S)
-        self._drain_deadline = min(self._drain_deadline, now + grace_s - reserve)
-        self._draining.set()
+    def begin_drain(self) -> None:
+        """SIGTERM: the policy stops starting messages; readiness goes."""
+        self.policy.begin_drain(self.settings.drain_timeout_s)
         self.health.drain()
 
     def close(self) -> None:
         start = time.monotonic()
         self.health.stop()
-        budget = min(self._close_by - time.monotonic(), self.settings.drain_timeout_s)
+        budget = min(self.policy.close_by - time.monotonic(), self.settings.drain_timeout_s)
         self.pipeline.close(max(0.5, budget - PIPELINE_CLOSE_OVERRUN_S))
         log.info("pipeline closed in %.1f s", time.monotonic() - start)
+
+
+def build_runtime(settings: Settings, encoder: Encoder | None = None) -> Runtime:
+    """Everything a worker process holds; `encoder` given by tests, loaded otherwise."""
+    if encoder is None:
+        encoder = load_encoder(settings.model, device=settings.device, dtype=settings.dtype,
+                               channels_last=settings.channels_last, compile=settings.compile)
+    client = redis_client(settings)
+    keys = RedisKeys(settings.key_prefix)
+    results = ResultStore(client, keys, settings.result_ttl_s)
+    dead_letters = DeadLetterStore(client, keys)
+    writer = ShardWriter(output_store(settings), results, worker=worker_name(),
+                         lease_s=settings.claim_lease_s)
+    pipeline = Pipeline(settings, encoder, SourceReader(settings), writer, results)
+    policy = MessagePolicy(settings, pipeline, results, dead_letters, worker=worker_name())
+    health = HealthMonitor(
+        Path(settings.health_dir), interval_s=settings.health_interval_s,
+        stall_s=settings.stall_timeout_s, pipeline_ok=lambda: pipeline.healthy,
+        last_progress=lambda: pipeline.last_progress,
+        broker_ok=_answers(redis_client(settings, retries=0, timeout_s=2.0)))
+    health.start()
+    return Runtime(settings, encoder, results, dead_letters, pipeline, policy, health)
+
+
+def _answers(probe: redis.Redis) -> Callable[[], bool]:
+    """Readiness probes get a client that answers at once rather than after the retries."""
+
+    def ping() -> bool:
+        try:
+            return bool(probe.ping())
+        except Exception:  # noqa: BLE001 - any failure means not ready
+            return False
+
+    return ping
 
 
 _runtimes: dict[int, Runtime] = {}
@@ -301,11 +104,11 @@ _runtime_lock = threading.Lock()
 
 
 def get_runtime(settings: Settings) -> Runtime:
-    """The process's runtime, built on first use (so a forked child never inherits CUDA)."""
+    """The process's runtime, built on first use."""
     with _runtime_lock:
         key = os.getpid()
         if key not in _runtimes:
-            _runtimes[key] = Runtime(settings)
+            _runtimes[key] = build_runtime(settings)
         return _runtimes[key]
 
 

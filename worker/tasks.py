@@ -1,12 +1,14 @@
-"""The one Celery task: hand a message's jobs to the runtime, then ack, retry, requeue or
-dead-letter; and the consumer that dead-letters messages which never reach the task.
+"""The one Celery task, the consumer that dead-letters messages which never reach it, and the
+worker's lifecycle signals (build the runtime before consuming, drain on SIGTERM, close).
 
 A message is acknowledged only when the task returns. Every other way out of the task puts the
 message back: a retry publishes its successor before the original is acknowledged, and
-anything that goes wrong (Redis unreachable, a retry that cannot be published) rejects it with
-requeue. Where even that cannot reach Redis, the message stays unacknowledged and comes back
-after the visibility timeout. Celery acknowledges a message whose task raised any other
-exception (`task_acks_on_failure_or_timeout`), which would lose it, so none escapes.
+anything that goes wrong, expected or not, rejects it with requeue. Celery would acknowledge a
+message whose task raised (`task_acks_on_failure_or_timeout`), which would lose it, so no
+exception escapes. An error that recurs on every delivery is not retried forever: the message
+policy counts the deliveries that ended in one and quarantines the message after
+`max_deliveries` (`worker/message_policy.py`). Where even a requeue cannot reach Redis, the
+message stays unacknowledged and comes back after the visibility timeout.
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import Reject
-from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
+from celery.signals import worker_init, worker_shutdown, worker_shutting_down
 from celery.utils.time import get_exponential_backoff_interval
 from celery.worker.consumer import Consumer as CeleryConsumer
 
 from schemas.keys import TASK_NAME
+from schemas.settings import Settings
+from worker.message_policy import Outcome
+from worker.runtime import close_runtime, existing_runtime, get_runtime
 
 log = logging.getLogger(__name__)
 
@@ -31,23 +36,25 @@ MAX_COUNTDOWN_FRACTION = 0.25
 
 
 def register(app: Celery) -> None:
-    @app.task(name=TASK_NAME, bind=True, max_retries=None)
-    def process(self: Task, payload: Any) -> dict[str, Any]:
-        return _process(self, payload)
+    """The task on `app` alone: a shared task (Celery's default) would also be registered on
+    every other app of the process, each with its own callable."""
+    app.task(name=TASK_NAME, bind=True, max_retries=None, shared=False)(_process)
 
-    _ = process
+
+def app_settings(celery_app: Celery) -> Settings:
+    """The settings the app was built with, or read from the environment by `on_configure`."""
+    celery_app.conf.broker_url  # noqa: B018 - reading the configuration runs on_configure
+    settings: Settings = celery_app.dualstream_settings
+    return settings
 
 
 def _process(task: Task, payload: Any) -> dict[str, Any]:
-    from worker.celery_app import app_settings
-    from worker.runtime import get_runtime
-
-    settings = app_settings(task.app)
     request = task.request
     queue = (request.delivery_info or {}).get("routing_key")
     try:
-        outcome = get_runtime(settings).handle(payload, message_id=str(request.id),
-                                               attempt=int(request.retries) + 1, queue=queue)
+        settings = app_settings(task.app)
+        outcome = get_runtime(settings).policy.handle(
+            payload, message_id=str(request.id), attempt=int(request.retries) + 1, queue=queue)
         for message in outcome.resend:
             task.app.send_task(TASK_NAME, args=[message], queue=queue)
     except Exception as exc:
@@ -58,15 +65,20 @@ def _process(task: Task, payload: Any) -> dict[str, Any]:
         log.info("message %s requeued: %s", request.id, outcome.requeue)
         raise Reject(f"requeued: {outcome.requeue}", requeue=True)
     if outcome.retry is not None:
-        countdown = outcome.retry_after_s or get_exponential_backoff_interval(
-            factor=settings.retry_backoff_s, retries=int(request.retries),
-            maximum=MAX_BACKOFF_S, full_jitter=True)
-        countdown = min(countdown, settings.visibility_timeout_s * MAX_COUNTDOWN_FRACTION)
-        try:
-            raise task.retry(exc=outcome.retry, countdown=countdown)
-        except Reject as exc:  # Celery could not publish the retry and would drop the message
-            raise Reject(exc.reason, requeue=True) from exc
+        _retry(task, settings, outcome)
     return {"dead_lettered": outcome.dead_lettered, "split": len(outcome.resend)}
+
+
+def _retry(task: Task, settings: Settings, outcome: Outcome) -> None:
+    retries = int(task.request.retries)
+    countdown = outcome.retry_after_s or get_exponential_backoff_interval(
+        factor=settings.retry_backoff_s, retries=retries, maximum=MAX_BACKOFF_S,
+        full_jitter=True)
+    countdown = min(countdown, settings.visibility_timeout_s * MAX_COUNTDOWN_FRACTION)
+    try:
+        raise task.retry(exc=outcome.retry, countdown=countdown)
+    except Reject as exc:  # Celery could not publish the retry and would drop the message
+        raise Reject(exc.reason, requeue=True) from exc
 
 
 class Consumer(CeleryConsumer):
@@ -95,13 +107,10 @@ class Consumer(CeleryConsumer):
 
 
 def _dead_letter_undecodable(app: Celery, message: Any, error: str) -> None:
-    from worker.celery_app import app_settings
-    from worker.runtime import get_runtime
-
     headers = getattr(message, "headers", None)
     delivery = getattr(message, "delivery_info", None)
     try:
-        get_runtime(app_settings(app)).reject_undecodable(
+        get_runtime(app_settings(app)).policy.reject_undecodable(
             body=bytes(message.body) if message.body is not None else None,
             content_type=message.content_type, error=error,
             message_id=str(headers["id"]) if isinstance(headers, dict) and "id" in headers
@@ -111,40 +120,36 @@ def _dead_letter_undecodable(app: Celery, message: Any, error: str) -> None:
         log.exception("could not dead-letter an undecodable message")
 
 
-@worker_ready.connect
-def _warm_up(sender: Any, **_: Any) -> None:
-    """Load the model before the first message arrives, in pools that do not fork.
+@worker_init.connect
+def _build_runtime(sender: Any, **_: Any) -> None:
+    """Load the model and connect to its services before the consumer takes any message.
 
     A worker that cannot build its runtime (a model that does not load, an unusable output
-    location) stops with exit status 1 instead of taking messages it could only put back.
+    location) exits with status 1 instead of taking messages it could only put back. A
+    prefork pool builds one per child instead, on its first message (CUDA must not be
+    initialised before a fork).
     """
-    from worker.celery_app import app_settings
-    from worker.runtime import get_runtime
-
     app = sender.app
     if not hasattr(app, "dualstream_settings") or app.conf.worker_pool == "prefork":
-        return
+        return  # not a dualstream app
     try:
         get_runtime(app_settings(app))
     except Exception as exc:
-        log.critical("the worker cannot start (its model or services): exiting", exc_info=True)
+        log.critical("the worker cannot start: %s: %s", type(exc).__name__, exc,
+                     exc_info=not isinstance(exc, ImportError))
         raise SystemExit(1) from exc  # Celery's signal dispatch swallows any Exception
 
 
 @worker_shutting_down.connect
 def _begin_drain(**_: Any) -> None:
     """SIGTERM (in the signal handler): stop starting messages; settle held ones in time."""
-    from worker.runtime import existing_runtime
-
     runtime = existing_runtime()
     if runtime is not None:
-        runtime.begin_drain(runtime.settings.drain_timeout_s)
+        runtime.begin_drain()
     log.info("worker shutting down: draining held messages")
 
 
 @worker_shutdown.connect
 def _close_runtime(**_: Any) -> None:
     """After the pool has stopped: flush the pipeline's stages and drop readiness."""
-    from worker.runtime import close_runtime
-
     close_runtime()

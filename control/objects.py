@@ -1,9 +1,5 @@
-"""Object storage: reading job sources and writing durable outputs, on S3 or a local directory.
-
-Sources are limited to `s3://` (optionally to an allow-list of buckets) and, in local mode only,
-to files under `local_root`. There is no generic URL fetching, so a job cannot make the worker
-reach an arbitrary host.
-"""
+"""Object storage both sides use: `s3://` locations, S3 listings and error meanings, local
+paths, and the durable output root (an S3 prefix or a local directory)."""
 
 from __future__ import annotations
 
@@ -12,25 +8,17 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from stat import S_ISDIR, S_ISREG
 from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from control.connections import s3_client
 from schemas.errors import ErrorCode, SourceError, TransientError
 from schemas.settings import Settings
-from worker import http_source
-from worker.connections import s3_client
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
 _DENIED = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled", "InvalidAccessKeyId"}
-
-
-@dataclass(frozen=True)
-class Blob:
-    data: bytes
-    etag: str | None
 
 
 @dataclass(frozen=True)
@@ -46,7 +34,7 @@ class S3Location:
         return cls(parsed.netloc, parsed.path.lstrip("/"))
 
 
-def _client_error(exc: ClientError, what: str) -> Exception:
+def s3_error(exc: ClientError, what: str) -> Exception:
     code = str(exc.response.get("Error", {}).get("Code", ""))
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
     if code in _NOT_FOUND or status == 404:
@@ -58,100 +46,6 @@ def _client_error(exc: ClientError, what: str) -> Exception:
 
 def local_path(uri: str) -> Path:
     return Path(unquote(urlparse(uri).path) if uri.startswith("file://") else uri)
-
-
-class SourceReader:
-    """Reads a job's image bytes, enforcing the allowed schemes, buckets and byte limit."""
-
-    def __init__(self, settings: Settings, s3: Any | None = None) -> None:
-        self._settings = settings
-        self._s3 = s3
-        self._root = Path(settings.local_root).resolve() if settings.local_root else None
-        self._http = http_source.HttpPolicy(
-            tuple(settings.allowed_http_hosts), settings.max_image_bytes,
-            settings.http_allow_private_networks) if settings.allowed_http_hosts else None
-
-    @property
-    def s3(self) -> Any:
-        if self._s3 is None:
-            self._s3 = s3_client(self._settings)
-        return self._s3
-
-    def read(self, uri: str) -> Blob:
-        if uri.startswith("s3://"):
-            return self._read_s3(S3Location.parse(uri))
-        if uri.startswith(("http://", "https://")) and self._http is not None:
-            data, etag = http_source.fetch(uri, self._http)
-            return Blob(data, etag)
-        if uri.startswith("file://") or (self._root is not None and "://" not in uri):
-            return self._read_local(uri)
-        raise SourceError(
-            f"source {uri!r} is not allowed: use s3://bucket/key"
-            + (" or a file under the local root" if self._root else ""),
-            code=ErrorCode.SOURCE_NOT_ALLOWED,
-        )
-
-    def _read_s3(self, loc: S3Location) -> Blob:
-        allowed = self._settings.allowed_buckets
-        if allowed and loc.bucket not in allowed:
-            raise SourceError(
-                f"bucket {loc.bucket!r} is not in the allowed buckets",
-                code=ErrorCode.SOURCE_NOT_ALLOWED,
-            )
-        what = f"s3://{loc.bucket}/{loc.key}"
-        try:
-            response = self.s3.get_object(Bucket=loc.bucket, Key=loc.key)
-        except ClientError as exc:
-            raise _client_error(exc, what) from exc
-        except BotoCoreError as exc:
-            raise TransientError(f"S3 unreachable reading {what}: {exc}") from exc
-        body = response["Body"]
-        try:
-            self._check_size(int(response.get("ContentLength", 0)), what)
-            data = body.read()
-        except BotoCoreError as exc:
-            raise TransientError(f"S3 read of {what} failed: {exc}") from exc
-        finally:
-            body.close()
-        return Blob(data, str(response.get("ETag", "")).strip('"') or None)
-
-    def _read_local(self, uri: str) -> Blob:
-        if self._root is None:
-            raise SourceError("local files are not allowed outside local mode",
-                              code=ErrorCode.SOURCE_NOT_ALLOWED)
-        path = local_path(uri).resolve()
-        if not path.is_relative_to(self._root):
-            raise SourceError(f"{path} lies outside the local root {self._root}",
-                              code=ErrorCode.SOURCE_NOT_ALLOWED)
-        limit = self._settings.max_image_bytes
-        try:
-            # One open and one fstat (each blocking call gives up the GIL and must win it
-            # back). Non-blocking, so a FIFO under the root cannot hang a prepare thread.
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except FileNotFoundError as exc:
-            raise SourceError(f"{path} does not exist", code=ErrorCode.SOURCE_NOT_FOUND) from exc
-        except PermissionError as exc:
-            raise SourceError(f"{path} is not readable", code=ErrorCode.ACCESS_DENIED) from exc
-        try:
-            stat = os.fstat(fd)
-            if not S_ISREG(stat.st_mode):
-                kind = "a directory" if S_ISDIR(stat.st_mode) else "not a regular file"
-                raise SourceError(f"{path} is {kind}", code=ErrorCode.SOURCE_NOT_FOUND)
-            self._check_size(stat.st_size, str(path))
-        except BaseException:
-            os.close(fd)
-            raise
-        with os.fdopen(fd, "rb") as handle:
-            data = handle.read(limit + 1)  # the file may have grown since the fstat
-        self._check_size(len(data), str(path))
-        return Blob(data, f"{stat.st_mtime_ns:x}-{stat.st_size:x}")
-
-    def _check_size(self, size: int, what: str) -> None:
-        if size > self._settings.max_image_bytes:
-            raise SourceError(
-                f"{what} is {size} bytes, over the limit of {self._settings.max_image_bytes}",
-                code=ErrorCode.SOURCE_TOO_LARGE,
-            )
 
 
 class OutputStore(Protocol):
@@ -221,7 +115,7 @@ class S3OutputStore:
             response = self._s3.get_object(Bucket=self._bucket, Key=self._key(key))
             return bytes(response["Body"].read())
         except ClientError as exc:
-            if isinstance(_client_error(exc, key), SourceError):
+            if isinstance(s3_error(exc, key), SourceError):
                 return None
             raise TransientError(f"reading {self.uri(key)} failed: {exc}") from exc
 
@@ -230,7 +124,7 @@ class S3OutputStore:
             self._s3.head_object(Bucket=self._bucket, Key=self._key(key))
             return True
         except ClientError as exc:
-            if isinstance(_client_error(exc, key), SourceError):
+            if isinstance(s3_error(exc, key), SourceError):
                 return False
             raise TransientError(f"checking {self.uri(key)} failed: {exc}") from exc
 

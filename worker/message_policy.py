@@ -1,0 +1,251 @@
+"""What happens to one queue message: done (ack), retry later, requeue now, split, or
+dead-lettered. The rules, and the tests that prove them, are in docs/reliability.md:
+
+- A message is held at most `HOLD_FRACTION` of the visibility timeout; past that it is retried,
+  so a message is never restored to the queue while its worker still works on it.
+- A message that an earlier, unfinished delivery left a record for (its worker died, or its
+  handling raised) runs alone in this process (`SuspectGate`), so a message that kills its
+  worker takes no innocent message's delivery count with it. After `max_deliveries` such starts
+  it is quarantined; a message of several jobs is first split into single-job messages, so only
+  the culprit is.
+- After SIGTERM (`begin_drain`) no message starts; held ones get until the drain deadline to
+  finish and are requeued otherwise.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from control.deadletters import DeadLetterStore, Delivery
+from control.results import ResultStore
+from schemas.errors import ErrorCode, JobBusy, TransientError
+from schemas.jobs import Job, JobMessage
+from schemas.results import ErrorInfo, JobResult, Status
+from schemas.settings import Settings
+from worker.pipeline import Pipeline
+from worker.suspect_gate import SuspectGate
+from worker.validation import validation_code, validation_message
+
+log = logging.getLogger(__name__)
+
+# A message is held (unacknowledged) for at most this share of the visibility timeout, and may
+# wait for the suspect gate for at most `GATE_FRACTION` of it.
+HOLD_FRACTION = 0.7
+GATE_FRACTION = 0.35
+# SIGTERM → exit within `drain_timeout_s` (the grace period): held messages are settled (done
+# or requeued) by grace − reserve, the pipeline is closed by grace − TEARDOWN_S, and the
+# interpreter's own exit (about 2 s with torch loaded) takes the rest.
+DRAIN_RESERVE_SHARE = 0.25
+DRAIN_RESERVE_MIN_S, DRAIN_RESERVE_MAX_S = 3.0, 8.0
+TEARDOWN_S = 2.0
+_WAIT_SLICE_S = 0.25
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What to do with a message after handling it."""
+
+    retry: TransientError | None = None
+    retry_after_s: float | None = None
+    dead_lettered: bool = False
+    requeue: str | None = None  # why the message goes back on the queue as it is
+    resend: tuple[dict[str, Any], ...] = ()  # publish these, then ack (a split poison message)
+
+
+class MessagePolicy:
+    def __init__(self, settings: Settings, pipeline: Pipeline, results: ResultStore,
+                 dead_letters: DeadLetterStore, *, worker: str) -> None:
+        self.settings = settings
+        self._pipeline = pipeline
+        self._results = results
+        self._dead_letters = dead_letters
+        self._worker = worker
+        self._gate = SuspectGate()
+        self._draining = threading.Event()
+        self._drain_deadline = float("inf")
+        self.close_by = float("inf")
+
+    # One message ---------------------------------------------------------------------------
+    def handle(self, payload: Any, *, message_id: str, attempt: int,
+               queue: str | None = None) -> Outcome:
+        received = time.monotonic()
+        vt = self.settings.visibility_timeout_s
+        if self._draining.is_set():
+            return Outcome(requeue="the worker is draining")
+        previous = self._dead_letters.previous_delivery(message_id)
+        if previous is not None:
+            log.warning("message %s was being processed when a worker was lost or its handling "
+                        "failed (%d unfinished starts); running it alone", message_id,
+                        previous.count)
+        with self._gate.enter(exclusive=previous is not None,
+                              timeout=vt * GATE_FRACTION) as entered:
+            if not entered:
+                return Outcome(requeue="a message that was in flight when a worker died runs "
+                                       "alone here, and that took too long")
+            if self._draining.is_set():
+                return Outcome(requeue="the worker is draining")
+            return self._handle_counted(payload, message_id, attempt, queue, previous,
+                                        received + vt * HOLD_FRACTION)
+
+    def _handle_counted(self, payload: Any, message_id: str, attempt: int,
+                        queue: str | None, previous: Delivery | None,
+                        deadline: float) -> Outcome:
+        deliveries = self._dead_letters.count_delivery(message_id, self._worker)
+        if deliveries > self.settings.max_deliveries:
+            return self._quarantine(payload, message_id,
+                                    previous or Delivery(count=deliveries - 1), queue)
+        try:
+            jobs = self._valid_jobs(payload, message_id, deliveries, queue)
+            outcome = self._run(jobs, attempt, deadline) if jobs else Outcome()
+        except TransientError as exc:  # the pipeline refused the work: not this message's fault
+            outcome = Outcome(retry=exc)
+        except Exception as exc:
+            # Leave the delivery record standing, with the error: an error that recurs on
+            # every delivery quarantines the message like a crash would.
+            self._note_error(message_id, exc)
+            raise
+        if outcome.retry is not None and attempt > self.settings.max_retries:
+            self._give_up(jobs, outcome.retry, payload, message_id, deliveries, queue)
+            outcome = Outcome(dead_lettered=True)
+        self._dead_letters.end_delivery(message_id)
+        return outcome
+
+    def _note_error(self, message_id: str, exc: BaseException) -> None:
+        try:
+            self._dead_letters.note_error(message_id, f"{type(exc).__name__}: {exc}")
+        except Exception:  # Redis may be the reason we are here
+            log.warning("could not record the error of message %s", message_id, exc_info=True)
+
+    def _run(self, jobs: list[Job], attempt: int, deadline: float) -> Outcome:
+        pending = set(self._pipeline.submit(jobs, attempts=attempt))
+        done: set[concurrent.futures.Future[JobResult]] = set()
+        while pending:
+            limit = min(deadline, self._drain_deadline)
+            if time.monotonic() >= limit:
+                break
+            finished, pending = concurrent.futures.wait(
+                pending, timeout=min(limit - time.monotonic(), _WAIT_SLICE_S))
+            done |= finished
+        if pending:
+            if self._draining.is_set():
+                return Outcome(requeue=f"the drain deadline came with {len(pending)} jobs "
+                                       "unfinished")
+            return Outcome(retry=TransientError("the pipeline did not finish the message in time",
+                                                code=ErrorCode.INTERNAL))
+        errors = [f.exception() for f in done if f.exception() is not None]
+        if not errors:
+            return Outcome()
+        busy = [e for e in errors if isinstance(e, JobBusy)]
+        first = errors[0]
+        retry = first if isinstance(first, TransientError) else TransientError(str(first))
+        return Outcome(retry=retry, retry_after_s=max(b.retry_after_s for b in busy) if busy
+                       else None)
+
+    # Validation ----------------------------------------------------------------------------
+    def _valid_jobs(self, payload: Any, message_id: str, deliveries: int,
+                    queue: str | None) -> list[Job]:
+        """Parse the message job by job, so one malformed job does not sink its neighbours."""
+        raw_jobs = payload.get("jobs") if isinstance(payload, dict) else None
+        if not isinstance(raw_jobs, list) or not raw_jobs:
+            self._reject(payload, ErrorCode.INVALID_JOB,
+                         "a message is an object with a non-empty `jobs` list", message_id,
+                         deliveries, queue, index=None)
+            return []
+        jobs: list[Job] = []
+        for index, raw in enumerate(raw_jobs):
+            try:
+                job = JobMessage.model_validate({**payload, "jobs": [raw]}).jobs[0]
+            except ValidationError as exc:
+                self._reject(raw, validation_code(exc), validation_message(exc), message_id,
+                             deliveries, queue, index=index)
+                continue
+            if job.model != self.settings.model:
+                self._fail_now(job, ErrorCode.WRONG_MODEL,
+                               f"this worker serves {self.settings.model!r}, not {job.model!r}")
+                continue
+            jobs.append(job)
+        return jobs
+
+    def _reject(self, payload: Any, code: ErrorCode, error: str, message_id: str,
+                deliveries: int, queue: str | None, *, index: int | None) -> None:
+        log.warning("rejecting malformed job in message %s: [%s] %s", message_id, code, error)
+        self._dead_letters.add(payload=payload, code=code, error=error, message_id=message_id,
+                               deliveries=deliveries, queue=queue,
+                               dedupe_key=f"{message_id}:{'message' if index is None else index}")
+
+    def reject_undecodable(self, *, body: bytes | None, content_type: str | None,
+                           error: str, message_id: str | None, queue: str | None) -> None:
+        """A message that never reached the task: not JSON, or a refused content type."""
+        self._dead_letters.add(payload=None, code=ErrorCode.INVALID_JOB, error=error,
+                               message_id=message_id, deliveries=1, queue=queue, raw_body=body,
+                               content_type=content_type,
+                               dedupe_key=f"{message_id}:undecodable" if message_id else None)
+
+    def _fail_now(self, job: Job, code: ErrorCode, message: str) -> None:
+        self._results.put_many([JobResult(job_id=job.job_id, status=Status.FAILED,
+                                          task=job.task, model=job.model, source=job.source,
+                                          error=ErrorInfo(code=code, message=message))])
+
+    def _unfinished(self, jobs: list[Job]) -> list[Job]:
+        statuses = self._results.statuses([job.job_id for job in jobs])
+        return [job for job, status in zip(jobs, statuses, strict=True)
+                if status is not Status.DONE]
+
+    # Poison messages and giving up ---------------------------------------------------------
+    def _quarantine(self, payload: Any, message_id: str, previous: Delivery,
+                    queue: str | None) -> Outcome:
+        self._dead_letters.end_delivery(message_id)
+        try:
+            jobs = self._valid_jobs(payload, message_id, previous.count, queue)
+            unfinished = self._unfinished(jobs)
+        except Exception:  # what failed on every delivery may fail here too: quarantine anyway
+            log.exception("message %s: its jobs could not be read for the quarantine",
+                          message_id)
+            jobs, unfinished = [], []
+        if jobs and not unfinished:
+            log.warning("message %s was lost %d times, but its jobs are all done", message_id,
+                        previous.count)
+            return Outcome()
+        if len(unfinished) > 1:
+            log.error("message %s killed its worker %d times; splitting its %d unfinished jobs "
+                      "into one message each to find the culprit", message_id, previous.count,
+                      len(unfinished))
+            run_id = payload.get("run_id") if isinstance(payload, dict) else None
+            return Outcome(resend=tuple(
+                JobMessage(jobs=[job], run_id=run_id).model_dump(mode="json")
+                for job in unfinished))
+        letter = self._dead_letters.add(
+            payload=payload, code=ErrorCode.POISON_MESSAGE, error=previous.describe(),
+            message_id=message_id, deliveries=previous.count, queue=queue,
+            dedupe_key=f"{message_id}:poison")
+        log.error("message %s quarantined as dead letter %s: %s", message_id, letter.id,
+                  letter.error)
+        for job in unfinished:
+            self._fail_now(job, ErrorCode.POISON_MESSAGE,
+                           f"its message did not finish on any of {previous.count} deliveries; "
+                           f"quarantined as dead letter {letter.id}")
+        return Outcome(dead_lettered=True)
+
+    def _give_up(self, jobs: list[Job], error: TransientError, payload: Any, message_id: str,
+                 deliveries: int, queue: str | None) -> None:
+        for job in self._unfinished(jobs):
+            self._fail_now(job, error.code, f"gave up after retries: {error.message}")
+        self._dead_letters.add(payload=payload, code=error.code, error=error.message,
+                               message_id=message_id, deliveries=deliveries, queue=queue,
+                               dedupe_key=f"{message_id}:gave-up")
+
+    # Shutdown ------------------------------------------------------------------------------
+    def begin_drain(self, grace_s: float) -> None:
+        """SIGTERM: start nothing new, settle held messages before the grace period ends."""
+        now = time.monotonic()
+        reserve = min(DRAIN_RESERVE_MAX_S, max(DRAIN_RESERVE_MIN_S, grace_s * DRAIN_RESERVE_SHARE))
+        self.close_by = min(self.close_by, now + grace_s - TEARDOWN_S)
+        self._drain_deadline = min(self._drain_deadline, now + grace_s - reserve)
+        self._draining.set()
