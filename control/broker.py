@@ -12,50 +12,61 @@ from typing import Any
 
 from celery import Celery
 
-from control.connections import broker_ssl_options
+from control.connections import broker_ssl_options, is_sentinel
 from schemas.keys import TASK_NAME
 from schemas.settings import Settings
 
-__all__ = ["TASK_NAME", "broker_options", "producer_app", "restore_interval_s"]
+__all__ = ["TASK_NAME", "broker_options", "heartbeat_timing", "producer_app"]
 
 BROKER_SOCKET_TIMEOUT_S = 30
 BROKER_CONNECT_TIMEOUT_S = 5
+# Publishing rides out a Redis restart or failover of about a minute before it gives up.
+PUBLISH_RETRY_POLICY = {"max_retries": 60, "interval_start": 0.2, "interval_step": 0.5,
+                        "interval_max": 1.0}
 
 
-def restore_interval_s(visibility_timeout_s: int) -> int:
-    """How often a worker looks for messages whose visibility timeout has passed: a tenth of
-    the timeout, between 1 and 10 seconds, so a dead worker's messages come back soon after."""
-    return max(1, min(10, visibility_timeout_s // 10))
+def heartbeat_timing(settings: Settings) -> tuple[float, float]:
+    """(interval, ttl) of consumers' heartbeats: a consumer silent for `ttl` seconds is dead
+    and its messages go back. The ttl never exceeds the visibility timeout, so a killed
+    worker's messages are back within `visibility_timeout_s` + one interval."""
+    ttl = min(settings.heartbeat_ttl_s, float(settings.visibility_timeout_s))
+    return max(0.1, min(2.0, ttl / 5)), ttl
 
 
 def broker_options(settings: Settings) -> dict[str, Any]:
-    """Celery settings for the Redis broker connection and the wire format."""
-    visibility_timeout = settings.visibility_timeout_s
+    """Celery settings for the Redis broker connection, its transport and the wire format."""
+    interval, ttl = heartbeat_timing(settings)
     options: dict[str, Any] = {
         "broker_url": settings.redis_dsn,
+        # Kombu's Redis transport with an atomic fetch into per-consumer in-flight lists.
+        "broker_transport": "control.transport:InflightTransport",
         "broker_connection_retry_on_startup": True,
         "broker_connection_retry": True,
         # A Redis restart is waited out, however long it takes, instead of ending the process.
         "broker_connection_max_retries": None,
         "broker_transport_options": {
-            # An unacknowledged message comes back after this long if its worker died. Kombu's
-            # default is an hour; ours is the settings' (300 s), and a worker holds a message
-            # for at most `runtime.HOLD_FRACTION` (70 %) of it, so a live one is never restored.
-            "visibility_timeout": visibility_timeout,
-            # Kombu sweeps for such messages every interval × throttle seconds (100 s by
-            # default); sweep every `restore_interval_s` instead.
-            "unacked_restore_interval": restore_interval_s(visibility_timeout),
-            "unacked_restore_throttle": 1,
+            "dualstream_key_prefix": settings.key_prefix,
+            "heartbeat_interval_s": interval,
+            "heartbeat_ttl_s": ttl,
             # A broker that vanishes without closing the connection is noticed.
             "socket_timeout": BROKER_SOCKET_TIMEOUT_S,
             "socket_connect_timeout": BROKER_CONNECT_TIMEOUT_S,
             "socket_keepalive": True,
         },
+        "task_publish_retry": True,
+        "task_publish_retry_policy": PUBLISH_RETRY_POLICY,
         "task_serializer": "json",
         "accept_content": ["json"],
         "task_ignore_result": True,
         "result_backend": None,
     }
+    if is_sentinel(settings.redis_dsn):
+        options["broker_transport"] = "control.transport:InflightSentinelTransport"
+        options["broker_transport_options"]["master_name"] = settings.redis_sentinel_master
+    if settings.redis_replicas_to_ack:
+        options["broker_transport_options"].update(
+            replicas_to_ack=settings.redis_replicas_to_ack,
+            replicas_ack_timeout_ms=settings.redis_replicas_ack_timeout_ms)
     ssl_options = broker_ssl_options(settings)
     if ssl_options is not None:
         options["broker_use_ssl"] = ssl_options

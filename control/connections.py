@@ -7,18 +7,25 @@ Both clients retry transient faults themselves with jittered exponential backoff
 `redis_tls_ca_file` when it is set (a private CA) or the system's CAs otherwise; a client
 certificate is sent when `redis_tls_cert_file` and `redis_tls_key_file` are set. The same
 options reach Celery's broker connection through `broker_ssl_options`.
+
+`sentinel://[:password@]host:port[/db]` URLs, several joined by `;` (one per sentinel, as kombu
+takes them), name Redis Sentinels: clients ask them for the primary of
+`redis_sentinel_master` and follow it when a replica is promoted. The password is the
+primary's; the sentinels themselves are reached without one.
 """
 
 from __future__ import annotations
 
 import ssl
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import boto3
 import redis
 from botocore.config import Config as BotoConfig
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from schemas.settings import Settings
 
@@ -40,19 +47,37 @@ def broker_ssl_options(settings: Settings) -> dict[str, Any] | None:
     return options
 
 
+def is_sentinel(url: str) -> bool:
+    return url.startswith("sentinel://")
+
+
+def sentinel_addresses(url: str) -> tuple[list[tuple[str, int]], str | None, int]:
+    """(the sentinels' host and port, the primary's password, the database) of a URL."""
+    parts = [urlsplit(part) for part in url.split(";") if part]
+    first = parts[0]
+    db = int(first.path.lstrip("/") or 0)
+    password = unquote(first.password) if first.password else None
+    return [(part.hostname or "localhost", part.port or 26379) for part in parts], password, db
+
+
 def redis_client(settings: Settings, *, retries: int = REDIS_RETRIES,
                  timeout_s: float = 30) -> redis.Redis:
     """A client that retries dropped connections and timeouts `retries` times, with jitter."""
-    return redis.Redis.from_url(
-        settings.redis_dsn,
-        decode_responses=False,
-        health_check_interval=15,
-        socket_connect_timeout=min(5, timeout_s),
-        socket_timeout=timeout_s,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), retries),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    options: dict[str, Any] = {
+        "socket_connect_timeout": min(5, timeout_s),
+        "socket_timeout": timeout_s,
+        "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), retries),
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
         **(broker_ssl_options(settings) or {}),
-    )
+    }
+    if is_sentinel(settings.redis_dsn):
+        sentinels, password, db = sentinel_addresses(settings.redis_dsn)
+        sentinel = Sentinel(sentinels, socket_timeout=min(5, timeout_s))
+        client: redis.Redis = sentinel.master_for(
+            settings.redis_sentinel_master, password=password, db=db, **options)
+        return client
+    return redis.Redis.from_url(settings.redis_dsn, decode_responses=False,
+                                health_check_interval=15, **options)
 
 
 def s3_client(settings: Settings) -> Any:

@@ -4,12 +4,13 @@ A dead letter is a message (or one job of it) that failed for good, kept in Redi
 operator: the original payload, the error code, the last error and how many times the message
 was delivered. `dualstream dlq list|show|replay|purge` manages them; replay re-sends the payload.
 
-A delivery record (`ds:deliveries:<message id>`, a hash) is written when a worker starts a
-message and deleted when it finishes, whatever the outcome. A record that is still there when
-the message arrives again means that an earlier delivery never finished: its worker died.
-The record counts such starts, says which worker ran the last one, and keeps the last error
-seen, so that a message that kills its worker every time is quarantined after
-`max_deliveries` starts, with whatever is known about why.
+A delivery record (`ds:deliveries:<message id>`, a hash) exists only for a message whose
+earlier delivery did not finish: the sweep that put it back after its consumer died counts it
+`lost` (and names that consumer, `control/inflight.py`), and a delivery whose handling raised
+an unexpected error counts it in `errors`, with the error. A Redis outage or a drain counts as
+neither: the message was put back by a live worker, not lost. Once the message finishes, its
+record goes. A message whose record reaches `max_deliveries` unfinished deliveries is
+quarantined, with whatever is known about why.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from typing import Any
 import redis
 from pydantic import BaseModel
 
+from control.inflight import DELIVERY_RECORD_TTL_S
 from schemas.errors import ErrorCode
 from schemas.keys import RedisKeys
 
-DELIVERY_RECORD_TTL_S = 24 * 3600
 RAW_BODY_LIMIT = 64 * 1024
 
 
@@ -53,21 +54,32 @@ class DeadLetter(BaseModel):
 
 @dataclass(frozen=True)
 class Delivery:
-    """An earlier start of a message that may not have finished."""
+    """Earlier deliveries of a message that did not finish."""
 
-    count: int
-    worker: str | None = None
-    started_at: float | None = None
+    lost: int = 0  # its consumer died holding it
+    errors: int = 0  # its handling raised an unexpected error
+    worker: str | None = None  # the consumer that was lost last
+    lost_at: float | None = None
     last_error: str | None = None
+
+    @property
+    def count(self) -> int:
+        return self.lost + self.errors
 
     def describe(self) -> str:
         """What the quarantine records as the message's last error."""
-        where = f" on {self.worker}" if self.worker else ""
-        when = (time.strftime(" at %Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_at))
-                if self.started_at else "")
-        lost = (f"the worker was lost {self.count} times while processing this message "
-                f"(last start{where}{when})")
-        return f"{lost}; last error: {self.last_error}" if self.last_error else lost
+        parts = []
+        if self.lost:
+            where = f" on {self.worker}" if self.worker else ""
+            when = (time.strftime(" at %Y-%m-%dT%H:%M:%SZ", time.gmtime(self.lost_at))
+                    if self.lost_at else "")
+            parts.append(f"the worker was lost {self.lost} times while processing this "
+                         f"message (last{where}{when})")
+        if self.errors:
+            parts.append(f"its handling failed {self.errors} times")
+        if self.last_error:
+            parts.append(f"last error: {self.last_error}")
+        return "; ".join(parts) or "no delivery finished"
 
 
 def json_safe(value: Any) -> Any:
@@ -93,34 +105,27 @@ class DeadLetterStore:
 
     # Delivery records ----------------------------------------------------------------------
     def previous_delivery(self, message_id: str) -> Delivery | None:
-        """The record an unfinished earlier start of this message left, if any."""
+        """What earlier, unfinished deliveries of this message left, if any."""
         raw = self._redis.hgetall(self._keys.deliveries(message_id))
         if not raw:
             return None
-        started = _text(raw.get(b"started_at"))
-        return Delivery(count=int(raw.get(b"count", b"0")), worker=_text(raw.get(b"worker")),
-                        started_at=float(started) if started else None,
+        lost_at = _text(raw.get(b"lost_at"))
+        return Delivery(lost=int(raw.get(b"lost", b"0")), errors=int(raw.get(b"errors", b"0")),
+                        worker=_text(raw.get(b"worker")),
+                        lost_at=int(lost_at) / 1000 if lost_at else None,
                         last_error=_text(raw.get(b"last_error")))
 
-    def count_delivery(self, message_id: str, worker: str | None = None) -> int:
-        """Counts starts of a message that have not ended; a crash leaves the count standing."""
-        key = self._keys.deliveries(message_id)
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.hincrby(key, "count", 1)
-        pipe.hset(key, mapping={"worker": worker or "", "started_at": repr(time.time())})
-        pipe.expire(key, DELIVERY_RECORD_TTL_S)
-        count, _, _ = pipe.execute()
-        return int(count)
-
     def note_error(self, message_id: str, error: str) -> None:
-        """Keep the last error of a delivery that will be retried, for a later quarantine."""
+        """A delivery whose handling raised: counted, with its error, for a later quarantine."""
         key = self._keys.deliveries(message_id)
         pipe = self._redis.pipeline(transaction=True)
+        pipe.hincrby(key, "errors", 1)
         pipe.hset(key, "last_error", error[:2000])
         pipe.expire(key, DELIVERY_RECORD_TTL_S)
         pipe.execute()
 
     def end_delivery(self, message_id: str) -> None:
+        """The message finished: its earlier unfinished deliveries no longer count."""
         self._redis.delete(self._keys.deliveries(message_id))
 
     # Dead letters --------------------------------------------------------------------------

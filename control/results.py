@@ -88,6 +88,7 @@ class ResultStore:
         self._claim_script = client.register_script(_CLAIM)
         self._holds_script = client.register_script(_HOLDS)
         self._begin_script = client.register_script(_BEGIN)
+        self._requeued_script = client.register_script(_REQUEUED)
 
     # Results -----------------------------------------------------------------------------
     def put_many(self, results: Iterable[JobResult], *, clear_claims: bool = False) -> None:
@@ -123,6 +124,11 @@ class ResultStore:
             return []
         keys = [self._keys.result(job_id) for job_id in job_ids]
         return [raw == b"done" for raw in self._begin_script(keys=keys, args=[self._ttl_s])]
+
+    def requeued(self, job_ids: Sequence[str]) -> None:
+        """Jobs whose message went back on the queue unfinished: `running` becomes `queued`."""
+        if job_ids:
+            self._requeued_script(keys=[self._keys.result(job_id) for job_id in job_ids])
 
     def statuses(self, job_ids: Sequence[str]) -> list[Status | None]:
         pipe = self._redis.pipeline(transaction=False)
@@ -169,4 +175,13 @@ for i = 1, #KEYS do
   out[i] = status or ''
 end
 return out
+"""
+
+_REQUEUED = """
+for i = 1, #KEYS do
+  if redis.call('HGET', KEYS[i], 'status') == 'running' then
+    redis.call('HSET', KEYS[i], 'status', 'queued')
+  end
+end
+return 0
 """

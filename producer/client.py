@@ -28,6 +28,9 @@ def _chunks(items: Iterable[Job], size: int) -> Iterator[list[Job]]:
         yield chunk
 
 
+PRODUCER_REDIS_RETRIES = 40
+
+
 class ResultTimeout(TimeoutError):
     pass
 
@@ -36,7 +39,8 @@ class Client:
     def __init__(self, settings: Settings, app: Celery | None = None) -> None:
         self.settings = settings
         self.app = app or producer_app(settings)
-        self.redis = redis_client(settings)
+        # Rides out a Redis restart or failover of about a minute, as publishing does.
+        self.redis = redis_client(settings, retries=PRODUCER_REDIS_RETRIES)
         self.keys = RedisKeys(settings.key_prefix)
         self.results = ResultStore(self.redis, self.keys, settings.result_ttl_s)
 

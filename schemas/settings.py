@@ -17,8 +17,17 @@ class Settings(BaseSettings):
     # Where work comes from and results go
     redis_url: SecretStr = Field(
         default=SecretStr("redis://127.0.0.1:6379/0"),
-        description="redis:// or rediss:// URL (AUTH in the URL); broker and result store",
+        description="redis:// or rediss:// URL (AUTH in the URL), or sentinel:// URLs joined "
+        "by ';' (one per sentinel); broker and result store",
     )
+    redis_sentinel_master: str = Field(
+        default="mymaster", description="sentinel:// URLs: the name of the monitored primary")
+    redis_replicas_to_ack: int = Field(
+        default=0, ge=0, description="an enqueue is acknowledged only once this many replicas "
+        "have it (Redis WAIT), so a failover cannot lose it; 1 with Sentinel")
+    redis_replicas_ack_timeout_ms: int = Field(
+        default=2000, ge=1, description="how long an enqueue waits for its replicas before "
+        "it fails and is retried")
     output_uri: str = Field(
         default="file://./dualstream-out",
         description="s3://bucket/prefix or file:///dir: where embedding shards are written",
@@ -89,7 +98,12 @@ class Settings(BaseSettings):
     max_image_side: int = 20_000
 
     # Reliability
-    visibility_timeout_s: int = Field(default=300, ge=1)
+    visibility_timeout_s: int = Field(
+        default=300, ge=1, description="the longest a live worker holds a message before it "
+        "retries it; a dead worker's messages are back within this (or heartbeat_ttl_s)")
+    heartbeat_ttl_s: float = Field(
+        default=10.0, gt=0, description="a consumer whose heartbeat is this old is dead: what "
+        "it held goes back on the queue (capped at visibility_timeout_s)")
     claim_lease_s: int = Field(default=120, ge=1)
     max_deliveries: int = Field(default=5, ge=1)
     max_retries: int = Field(default=8, ge=0)

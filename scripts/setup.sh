@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Installs everything dualstream needs on a fresh machine: redis-server (Debian package) and a
-# virtualenv in .venv with torch, the model libraries and the test tools. Safe to re-run: it
-# does nothing when pyproject.toml has not changed since the last install.
+# Installs everything dualstream needs on a fresh machine: redis-server and redis-sentinel
+# (Debian packages) and a virtualenv in .venv with torch, the model libraries and the test
+# tools. Safe to re-run: it does nothing when pyproject.toml has not changed since the last
+# install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v redis-server >/dev/null 2>&1; then
-    echo "installing redis-server" >&2
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-sentinel >/dev/null 2>&1; then
+    echo "installing redis-server and redis-sentinel" >&2
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server redis-sentinel >/dev/null
 fi
 
 PYTHON=${PYTHON:-python3}

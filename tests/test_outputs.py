@@ -6,6 +6,7 @@ shard whether it is written twice in a row, by two writers at once, or after a w
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import time
@@ -129,6 +130,24 @@ def test_a_dead_writers_committed_shard_is_recovered_not_rewritten(store: S3Outp
     second = ShardWriter(store, results, worker="w2", lease_s=0.01).write(batch, "image")
     assert [o.location for o in second] == [o.location for o in first]
     assert len(committed_rows(store)) == 2
+
+
+def test_a_recovered_row_is_reported_as_committed_not_as_recomputed(
+        store: S3OutputStore, results: ResultStore) -> None:
+    """The row a dead writer committed stands, and the job's result is that row (vector and
+    labels), even where a recomputation differs in the last bits."""
+    batch = rows(2)
+    ShardWriter(store, results, worker="w", lease_s=0.01).write(batch, "image")
+    time.sleep(0.05)
+    recomputed = [dataclasses.replace(r, embedding=r.embedding + np.float32(6e-8))
+                  for r in batch]
+    second = ShardWriter(store, results, worker="w2", lease_s=0.01).write(recomputed, "image")
+    for original, outcome in zip(batch, second, strict=True):
+        assert outcome.committed is not None
+        assert np.array_equal(outcome.committed.embedding, original.embedding)
+        stored = [(s.label, np.float32(s.score)) for s in outcome.committed.labels or []]
+        assert stored == [(s.label, np.float32(s.score)) for s in original.labels or []]
+        assert outcome.committed.etag == original.etag
 
 
 def test_local_directory_output_is_the_same_layout(tmp_path: Any, results: ResultStore) -> None:

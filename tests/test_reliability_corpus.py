@@ -32,7 +32,13 @@ from schemas.keys import TASK_NAME, RedisKeys, queue_name
 from schemas.results import JobResult, Status
 from schemas.settings import Settings
 from tests.fixtures.bad_images import bad_image_corpus, convertible_image_corpus
-from tests.fixtures.faults import FaultProxy, celery_message, wait_for, worker_launcher
+from tests.fixtures.faults import (
+    FaultProxy,
+    celery_message,
+    held_messages,
+    wait_for,
+    worker_launcher,
+)
 from tests.images import jpeg_bytes
 from worker.embed import embed_images
 
@@ -310,6 +316,6 @@ def test_a_worker_whose_model_does_not_load_stops_without_taking_messages(
     log = worker.output()
     assert "[unknown_model] cannot load model 'no such model!'" in log and "ready." not in log
     broker = redis.Redis.from_url(redis_url)
-    assert broker.llen(queue_name(model)) + broker.hlen("unacked") == 1, "the message waits"
+    assert broker.llen(queue_name(model)) + len(held_messages(broker)) == 1, "it waits"
     assert client.status(job_id) is Status.QUEUED
     assert DeadLetterStore(broker, RedisKeys()).list() == []

@@ -1,8 +1,8 @@
 """Crash recovery: a worker SIGKILLed mid-batch loses no job and duplicates no output row.
 
-Late acknowledgement keeps every message a worker holds in Redis (kombu's `unacked` hash)
-until its task returns; a killed worker never acknowledges, and once a worker runs again it
-puts those messages back on the queue after the visibility timeout (docs/reliability.md).
+Every message a worker holds stays in its in-flight list in Redis until its task returns; a
+killed worker stops its heartbeat, and a sweep (by any live worker) puts what it held back on
+the queue within the heartbeat ttl (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -19,7 +19,13 @@ from schemas.jobs import Job, Task
 from schemas.keys import ShardPaths, queue_name
 from schemas.results import Status
 from schemas.settings import Settings
-from tests.fixtures.faults import committed_rows, kill_tree, wait_for, worker_launcher
+from tests.fixtures.faults import (
+    committed_rows,
+    held_messages,
+    kill_tree,
+    wait_for,
+    worker_launcher,
+)
 from tests.test_worker_e2e import upload_images
 
 pytestmark = pytest.mark.timeout(300)
@@ -28,9 +34,9 @@ _ = worker_launcher  # a fixture
 VISIBILITY_TIMEOUT_S = 10
 
 
-def broker_state(client: redis.Redis, queue: str) -> tuple[int, int, int]:
-    """(messages waiting, unacknowledged messages, entries in the unacked index)."""
-    return client.llen(queue), client.hlen("unacked"), client.zcard("unacked_index")
+def broker_state(client: redis.Redis, queue: str) -> tuple[int, int]:
+    """(messages waiting, messages held by consumers)."""
+    return client.llen(queue), len(held_messages(client))
 
 
 def test_sigkill_mid_batch_then_restart_completes_every_job_once(
@@ -52,11 +58,11 @@ def test_sigkill_mid_batch_then_restart_completes_every_job_once(
     first = worker_launcher(settings)
     statuses = lambda: client.results.statuses(ids)  # noqa: E731
     wait_for(lambda: sum(s is Status.DONE for s in statuses()) >= 8
-             and broker.hlen("unacked") > 0, 120, "the first worker to be mid-run")
+             and held_messages(broker), 120, "the first worker to be mid-run")
     killed = kill_tree(first.process.pid)
     first.process.wait(10)
     assert first.process.returncode == -9
-    stranded = broker.hvals("unacked")
+    stranded = held_messages(broker)
     done_at_kill = sum(s is Status.DONE for s in statuses())
     assert stranded and done_at_kill < len(ids), "the kill must land mid-run"
     assert not any(_alive(pid) for pid in killed)
@@ -67,7 +73,7 @@ def test_sigkill_mid_batch_then_restart_completes_every_job_once(
 
     rows = committed_rows(s3, bucket, f"embeddings/{ShardPaths(model, 'image').directory}/")
     assert Counter(rows) == Counter(set(ids)), "every job has exactly one committed row"
-    wait_for(lambda: broker_state(broker, queue) == (0, 0, 0), 60,
+    wait_for(lambda: broker_state(broker, queue) == (0, 0), 60,
              "no message left waiting or unacknowledged")
     assert not broker.keys("ds:deliveries:*"), "every delivery record was closed"
 

@@ -21,7 +21,13 @@ from schemas.jobs import Job, Task
 from schemas.keys import ShardPaths, queue_name
 from schemas.results import Status
 from schemas.settings import Settings
-from tests.fixtures.faults import committed_rows, launch_worker, wait_for, wait_until_ready
+from tests.fixtures.faults import (
+    committed_rows,
+    held_messages,
+    launch_worker,
+    wait_for,
+    wait_until_ready,
+)
 from tests.test_worker_e2e import upload_images
 
 pytestmark = pytest.mark.timeout(300)
@@ -53,14 +59,14 @@ def test_copies_of_each_job_on_two_workers_at_once_then_again_leave_one_row_and_
                 client.submit_many([job], per_message=1, skip_done=False)
         ids = [job.job_id for job in jobs]
         assert all(r.status is Status.DONE for r in client.wait(ids, timeout=180))
-        wait_for(lambda: broker.llen(queue) == 0 and broker.hlen("unacked") == 0, 120,
+        wait_for(lambda: broker.llen(queue) == 0 and held_messages(broker) == [], 120,
                  "every copy to be consumed")
         handled = [w.output().count("succeeded in") for w in workers]
         assert all(handled), f"both workers took messages: {handled}"
 
         # And once more, after they are done: forced past the client's done-check.
         client.submit_many(jobs, per_message=8, skip_done=False)
-        wait_for(lambda: broker.llen(queue) == 0 and broker.hlen("unacked") == 0, 120,
+        wait_for(lambda: broker.llen(queue) == 0 and held_messages(broker) == [], 120,
                  "the second run to be consumed")
         assert sum(w.output().count("succeeded in") for w in workers) >= sum(handled) + 5
     finally:

@@ -18,7 +18,7 @@ from schemas.jobs import Job, JobMessage, Task
 from schemas.keys import queue_name
 from schemas.results import Status
 from schemas.settings import Settings
-from tests.fixtures.faults import celery_message, wait_for, worker_launcher
+from tests.fixtures.faults import celery_message, held_messages, wait_for, worker_launcher
 
 pytestmark = pytest.mark.timeout(300)
 _ = worker_launcher  # a fixture
@@ -68,7 +68,7 @@ def test_a_100000_job_backlog_stays_in_redis_and_worker_memory_stays_bounded(
     deadline = time.monotonic() + 6
     while time.monotonic() < deadline:
         rss.append(rss_mb(worker.process.pid))
-        held.append(broker.hlen("unacked"))
+        held.append(len(held_messages(broker)))
         time.sleep(0.2)
     wait_for(lambda: broker.llen(queue) < consumed_from - 500, 60, "the worker to consume")
 

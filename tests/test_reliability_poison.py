@@ -174,9 +174,11 @@ def _image_jobs(tmp_path: Path, model: str, count: int) -> list[Job]:
 
 
 def _lost(runtime: Runtime, message_id: str, times: int) -> None:
-    """What `times` deliveries whose worker died leave behind."""
-    for _ in range(times):
-        runtime.dead_letters.count_delivery(message_id, "host-1234")
+    """What `times` sweeps of a dead consumer's in-flight list leave behind."""
+    client = redis.Redis.from_url(runtime.settings.redis_dsn)
+    key = RedisKeys().deliveries(message_id)
+    client.hincrby(key, "lost", times)
+    client.hset(key, mapping={"worker": "host-1234-abcd", "lost_at": int(time.time() * 1000)})
 
 
 def test_a_poison_message_of_several_jobs_is_split_so_that_only_the_culprit_is_quarantined(
@@ -226,6 +228,22 @@ def test_an_error_raised_on_every_delivery_quarantines_with_the_last_error(
     [letter] = runtime.dead_letters.list()
     assert letter.code is ErrorCode.POISON_MESSAGE
     assert "last error: RuntimeError: a bug that fires on this message" in letter.error
+
+
+def test_a_redis_outage_while_handling_is_not_counted_as_a_lost_delivery(
+        runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    [job] = _image_jobs(tmp_path, runtime.settings.model, 1)
+    payload = {"jobs": [job.model_dump(mode="json")]}
+
+    def unreachable(*_: Any, **__: Any) -> Any:
+        raise redis.ConnectionError("Redis went away")
+
+    monkeypatch.setattr(runtime.pipeline, "submit", unreachable)
+    for _ in range(MAX_DELIVERIES + 2):
+        with pytest.raises(redis.ConnectionError):
+            runtime.policy.handle(payload, message_id="m", attempt=1)
+    assert runtime.dead_letters.previous_delivery("m") is None
+    assert runtime.dead_letters.list() == []
 
 
 def test_a_suspect_message_runs_alone_and_goes_before_new_work() -> None:

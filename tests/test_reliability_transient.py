@@ -4,7 +4,10 @@ server restarting in the middle of a run (a redis-server owned by the test, with
 
 from __future__ import annotations
 
+import base64
 import json
+import subprocess
+import sys
 import time
 import zlib
 from collections import Counter
@@ -24,10 +27,12 @@ from tests.fixtures.faults import (
     SLOW_FORWARD_ENV,
     FaultProxy,
     committed_rows,
+    held_messages,
     owned_redis,
     wait_for,
     worker_launcher,
 )
+from tests.fixtures.services import REPO, worker_env
 from tests.test_worker_e2e import upload_images
 
 pytestmark = pytest.mark.timeout(300)
@@ -104,7 +109,7 @@ def test_a_redis_restart_mid_run_loses_no_job(
                               "max_batch_wait_ms": 50},
                              faults={SLOW_FORWARD_ENV: "0.05"})
     wait_for(lambda: sum(s is Status.DONE for s in client.results.statuses(ids)) >= 40
-             and broker.hlen("unacked") >= 3, 120, "the run to be under way")
+             and len(held_messages(broker)) >= 3, 120, "the run to be under way")
     server.stop()  # SIGTERM: redis-server writes its AOF and exits
     time.sleep(3)
     server.start()
@@ -119,7 +124,7 @@ def test_a_redis_restart_mid_run_loses_no_job(
     rows = [job for key in store.list(directory) if key.endswith(".json")
             for job in json.loads(store.get(key) or b"{}")["jobs"]]
     assert Counter(rows) == Counter(ids), "one committed row per job"
-    wait_for(lambda: broker.llen(queue) == 0 and broker.hlen("unacked") == 0, 120,
+    wait_for(lambda: broker.llen(queue) == 0 and held_messages(broker) == [], 120,
              "no message waiting or unacknowledged")
     log = worker.output()
     assert "Connection to broker lost" in log or "Error while reading" in log
@@ -140,3 +145,32 @@ def test_the_clients_retry_with_jittered_exponential_backoff() -> None:
     assert len(delays) > 1 and max(delays) <= 0.4, "jittered, bounded by base × 2^3"
     config = s3_client(Settings(s3_endpoint_url="http://127.0.0.1:9")).meta.config.retries
     assert config == {"mode": "adaptive", "total_max_attempts": 9}
+
+
+def test_a_bulk_run_rides_out_a_redis_restart(owned_redis: Any, tmp_path: Path) -> None:
+    """The producer, like the worker, waits a restart out: the run finishes, exit status 0,
+    every job enqueued (at least once: a publish whose reply was lost is sent again)."""
+    server = owned_redis()
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(6000):
+        (folder / f"{i:05d}.jpg").write_bytes(b"")  # bulk lists files; it never reads them
+    model = "some-org/some-model"
+    bulk = subprocess.Popen(
+        [sys.executable, "-m", "dualstream.cli", "bulk", str(folder), "--model", model,
+         "--per-message", "1"], env=worker_env(redis_url=server.url), cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    broker, queue = server.client(), queue_name(model)
+    wait_for(lambda: broker.llen(queue) > 300, 60, "the bulk run to be under way")
+    server.stop()
+    assert bulk.poll() is None, "the restart must land mid-run"
+    time.sleep(3)
+    server.start()
+    out, err = bulk.communicate(timeout=240)
+    assert bulk.returncode == 0, err[-3000:]
+    assert out.strip().endswith(": 6000 jobs")
+    sources = set()
+    for raw in server.client().lrange(queue, 0, -1):
+        body = json.loads(base64.b64decode(json.loads(raw)["body"]))
+        sources |= {job["image"] for job in body[0][0]["jobs"]}
+    assert len(sources) == 6000

@@ -32,7 +32,6 @@ except ModuleNotFoundError as _missing:  # `celery -A worker.celery_app` without
 def celery_config(settings: Settings) -> dict[str, Any]:
     config: dict[str, Any] = {
         **broker_options(settings),
-        "broker_transport": "worker.transport:BrokerTransport",
         # Acknowledge only once outputs are written; requeue if the worker is lost.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,

@@ -2,12 +2,13 @@
 dead-lettered. The rules, and the tests that prove them, are in docs/reliability.md:
 
 - A message is held at most `HOLD_FRACTION` of the visibility timeout; past that it is retried,
-  so a message is never restored to the queue while its worker still works on it.
-- A message that an earlier, unfinished delivery left a record for (its worker died, or its
-  handling raised) runs alone in this process (`SuspectGate`), so a message that kills its
-  worker takes no innocent message's delivery count with it. After `max_deliveries` such starts
-  it is quarantined; a message of several jobs is first split into single-job messages, so only
-  the culprit is.
+  so no message is held by a live worker for longer than that.
+- A message that earlier deliveries did not finish (its consumer died and the sweep put it
+  back, or its handling raised an unexpected error; `control/deadletters.py` keeps the count)
+  runs alone in this process (`SuspectGate`), so a message that kills its worker takes no
+  innocent message's delivery count with it. After `max_deliveries` unfinished deliveries it is
+  quarantined; a message of several jobs is first split into single-job messages, so only the
+  culprit is. A Redis outage or a drain puts a message back without counting.
 - After SIGTERM (`begin_drain`) no message starts; held ones get until the drain deadline to
   finish and are requeued otherwise.
 """
@@ -21,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from pydantic import ValidationError
 
 from control.deadletters import DeadLetterStore, Delivery
@@ -61,12 +63,11 @@ class Outcome:
 
 class MessagePolicy:
     def __init__(self, settings: Settings, pipeline: Pipeline, results: ResultStore,
-                 dead_letters: DeadLetterStore, *, worker: str) -> None:
+                 dead_letters: DeadLetterStore) -> None:
         self.settings = settings
         self._pipeline = pipeline
         self._results = results
         self._dead_letters = dead_letters
-        self._worker = worker
         self._gate = SuspectGate()
         self._draining = threading.Event()
         self._drain_deadline = float("inf")
@@ -80,41 +81,42 @@ class MessagePolicy:
         if self._draining.is_set():
             return Outcome(requeue="the worker is draining")
         previous = self._dead_letters.previous_delivery(message_id)
+        if previous is not None and previous.count >= self.settings.max_deliveries:
+            return self._quarantine(payload, message_id, previous, queue)
         if previous is not None:
-            log.warning("message %s was being processed when a worker was lost or its handling "
-                        "failed (%d unfinished starts); running it alone", message_id,
-                        previous.count)
+            log.warning("message %s did not finish %d times before (%s); running it alone",
+                        message_id, previous.count, previous.describe())
         with self._gate.enter(exclusive=previous is not None,
                               timeout=vt * GATE_FRACTION) as entered:
             if not entered:
-                return Outcome(requeue="a message that was in flight when a worker died runs "
-                                       "alone here, and that took too long")
+                return Outcome(requeue="a message that did not finish before runs alone "
+                                       "here, and that took too long")
             if self._draining.is_set():
                 return Outcome(requeue="the worker is draining")
-            return self._handle_counted(payload, message_id, attempt, queue, previous,
-                                        received + vt * HOLD_FRACTION)
+            outcome = self._handle_alone_or_not(payload, message_id, attempt, queue,
+                                                received + vt * HOLD_FRACTION)
+        if previous is not None and outcome.requeue is None:
+            self._dead_letters.end_delivery(message_id)
+        return outcome
 
-    def _handle_counted(self, payload: Any, message_id: str, attempt: int,
-                        queue: str | None, previous: Delivery | None,
-                        deadline: float) -> Outcome:
-        deliveries = self._dead_letters.count_delivery(message_id, self._worker)
-        if deliveries > self.settings.max_deliveries:
-            return self._quarantine(payload, message_id,
-                                    previous or Delivery(count=deliveries - 1), queue)
+    def _handle_alone_or_not(self, payload: Any, message_id: str, attempt: int,
+                             queue: str | None, deadline: float) -> Outcome:
+        jobs: list[Job] = []
         try:
-            jobs = self._valid_jobs(payload, message_id, deliveries, queue)
+            jobs = self._valid_jobs(payload, message_id, queue)
             outcome = self._run(jobs, attempt, deadline) if jobs else Outcome()
         except TransientError as exc:  # the pipeline refused the work: not this message's fault
             outcome = Outcome(retry=exc)
+        except redis.RedisError:
+            raise  # Redis away: the message goes back as it is, and this does not count
         except Exception as exc:
-            # Leave the delivery record standing, with the error: an error that recurs on
-            # every delivery quarantines the message like a crash would.
+            # Counted, with the error: an error that recurs on every delivery quarantines
+            # the message like a crash would.
             self._note_error(message_id, exc)
             raise
         if outcome.retry is not None and attempt > self.settings.max_retries:
-            self._give_up(jobs, outcome.retry, payload, message_id, deliveries, queue)
+            self._give_up(jobs, outcome.retry, payload, message_id, queue)
             outcome = Outcome(dead_lettered=True)
-        self._dead_letters.end_delivery(message_id)
         return outcome
 
     def _note_error(self, message_id: str, exc: BaseException) -> None:
@@ -135,6 +137,7 @@ class MessagePolicy:
             done |= finished
         if pending:
             if self._draining.is_set():
+                self._results.requeued([job.job_id for job in jobs])
                 return Outcome(requeue=f"the drain deadline came with {len(pending)} jobs "
                                        "unfinished")
             return Outcome(retry=TransientError("the pipeline did not finish the message in time",
@@ -149,14 +152,13 @@ class MessagePolicy:
                        else None)
 
     # Validation ----------------------------------------------------------------------------
-    def _valid_jobs(self, payload: Any, message_id: str, deliveries: int,
-                    queue: str | None) -> list[Job]:
+    def _valid_jobs(self, payload: Any, message_id: str, queue: str | None) -> list[Job]:
         """Parse the message job by job, so one malformed job does not sink its neighbours."""
         raw_jobs = payload.get("jobs") if isinstance(payload, dict) else None
         if not isinstance(raw_jobs, list) or not raw_jobs:
             self._reject(payload, ErrorCode.INVALID_JOB,
                          "a message is an object with a non-empty `jobs` list", message_id,
-                         deliveries, queue, index=None)
+                         queue, index=None)
             return []
         jobs: list[Job] = []
         for index, raw in enumerate(raw_jobs):
@@ -164,7 +166,7 @@ class MessagePolicy:
                 job = JobMessage.model_validate({**payload, "jobs": [raw]}).jobs[0]
             except ValidationError as exc:
                 self._reject(raw, validation_code(exc), validation_message(exc), message_id,
-                             deliveries, queue, index=index)
+                             queue, index=index)
                 continue
             if job.model != self.settings.model:
                 self._fail_now(job, ErrorCode.WRONG_MODEL,
@@ -174,10 +176,10 @@ class MessagePolicy:
         return jobs
 
     def _reject(self, payload: Any, code: ErrorCode, error: str, message_id: str,
-                deliveries: int, queue: str | None, *, index: int | None) -> None:
+                queue: str | None, *, index: int | None) -> None:
         log.warning("rejecting malformed job in message %s: [%s] %s", message_id, code, error)
         self._dead_letters.add(payload=payload, code=code, error=error, message_id=message_id,
-                               deliveries=deliveries, queue=queue,
+                               deliveries=1, queue=queue,
                                dedupe_key=f"{message_id}:{'message' if index is None else index}")
 
     def reject_undecodable(self, *, body: bytes | None, content_type: str | None,
@@ -203,7 +205,7 @@ class MessagePolicy:
                     queue: str | None) -> Outcome:
         self._dead_letters.end_delivery(message_id)
         try:
-            jobs = self._valid_jobs(payload, message_id, previous.count, queue)
+            jobs = self._valid_jobs(payload, message_id, queue)
             unfinished = self._unfinished(jobs)
         except Exception:  # what failed on every delivery may fail here too: quarantine anyway
             log.exception("message %s: its jobs could not be read for the quarantine",
@@ -234,12 +236,12 @@ class MessagePolicy:
         return Outcome(dead_lettered=True)
 
     def _give_up(self, jobs: list[Job], error: TransientError, payload: Any, message_id: str,
-                 deliveries: int, queue: str | None) -> None:
+                 queue: str | None) -> None:
         for job in self._unfinished(jobs):
             self._fail_now(job, error.code, f"gave up after retries: {error.message}")
         self._dead_letters.add(payload=payload, code=error.code, error=error.message,
-                               message_id=message_id, deliveries=deliveries, queue=queue,
-                               dedupe_key=f"{message_id}:gave-up")
+                               message_id=message_id, deliveries=self.settings.max_retries + 1,
+                               queue=queue, dedupe_key=f"{message_id}:gave-up")
 
     # Shutdown ------------------------------------------------------------------------------
     def begin_drain(self, grace_s: float) -> None:

@@ -54,6 +54,9 @@ class RowOutcome:
     location: OutputLocation | None = None
     already_done: bool = False
     busy: JobBusy | None = None
+    # A row a dead writer had committed: its result is this row, not the one computed now
+    # (a recomputed vector may differ in the last bits).
+    committed: OutputRow | None = None
 
 
 def new_shard_id(worker: str) -> str:
@@ -135,23 +138,37 @@ class ShardWriter:
                     f"job {row.job.job_id} is being written by shard {claim.previous_shard}",
                     retry_after_s=claim.retry_after_s))
             elif claim.state == "taken" and claim.previous_shard:
-                outcomes[i] = self._recover(paths, claim.previous_shard, row.job.job_id)
+                outcomes[i] = self._recover(paths, claim.previous_shard, row.job)
         pending = [i for i, outcome in enumerate(outcomes) if outcome is None]
         for i, location in zip(pending, self._commit(paths, shard, [rows[i] for i in pending]),
                                strict=True):
             outcomes[i] = location
         return [o if o is not None else RowOutcome() for o in outcomes]
 
-    def _recover(self, paths: ShardPaths, shard: str, job_id: str) -> RowOutcome | None:
+    def _recover(self, paths: ShardPaths, shard: str, job: Job) -> RowOutcome | None:
         """A dead writer's shard: if it was committed, its row stands and nothing is rewritten."""
         raw = self._store.get(paths.manifest(shard))
         if raw is None:
             return None
-        row = ShardManifest.model_validate_json(raw).row_of(job_id)
+        row = ShardManifest.model_validate_json(raw).row_of(job.job_id)
         if row is None:
             return None
         return RowOutcome(location=OutputLocation(
-            shard=self._store.uri(paths.embeddings(shard)), row=row))
+            shard=self._store.uri(paths.embeddings(shard)), row=row),
+            committed=self._read_row(paths, shard, row, job))
+
+    def _read_row(self, paths: ShardPaths, shard: str, row: int, job: Job) -> OutputRow | None:
+        vectors, table = (self._store.get(paths.embeddings(shard)),
+                          self._store.get(paths.metadata(shard)))
+        if vectors is None or table is None:
+            return None
+        meta = MetadataRow.model_validate(pq.read_table(io.BytesIO(table)).slice(row, 1)
+                                          .to_pylist()[0])
+        labels = [LabelScore(label=label, score=score)
+                  for label, score in zip(meta.labels, meta.scores, strict=True)]
+        return OutputRow(job, np.load(io.BytesIO(vectors), allow_pickle=False)[row], meta.etag,
+                         labels if labels or job.zero_shot is not None else None,
+                         meta.text_truncated)
 
     def _commit(self, paths: ShardPaths, shard: str,
                 rows: Sequence[OutputRow]) -> list[RowOutcome]:

@@ -77,7 +77,7 @@ def build_runtime(settings: Settings, encoder: Encoder | None = None) -> Runtime
     writer = ShardWriter(output_store(settings), results, worker=worker_name(),
                          lease_s=settings.claim_lease_s)
     pipeline = Pipeline(settings, encoder, SourceReader(settings), writer, results)
-    policy = MessagePolicy(settings, pipeline, results, dead_letters, worker=worker_name())
+    policy = MessagePolicy(settings, pipeline, results, dead_letters)
     health = HealthMonitor(
         Path(settings.health_dir), interval_s=settings.health_interval_s,
         stall_s=settings.stall_timeout_s, pipeline_ok=lambda: pipeline.healthy,

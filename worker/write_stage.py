@@ -47,7 +47,8 @@ class WriteStage:
             else:
                 item.timings.write_ms = ms_since(start)
                 item.timings.finished_at = time.time()
-                finished.append((item, done_result(item, row, outcome.location)))
+                finished.append((item, done_result(item, outcome.committed or row,
+                                                   outcome.location)))
         self._settle.done(finished)
 
 

@@ -1,0 +1,183 @@
+"""Where a message is while a consumer holds it, and how it comes back when the consumer dies.
+
+At every instant a message is in exactly one place: its queue, one consumer's in-flight list,
+or gone because it was settled (acknowledged after its outcome was written). Each move between
+two places is one atomic Redis operation:
+
+- fetch:    `BLMOVE queue inflight RIGHT LEFT`, done by the consumer's transport
+            (`control/transport.py`): the message is recorded as held by the same command that
+            takes it, so no instant exists at which a killed consumer could lose it;
+- ack:      `LREM inflight 1 <message>`, once the message's outcome is written;
+- requeue:  one script: `LREM inflight` then `LPUSH`/`RPUSH queue` (only if it was held);
+- recover:  one script per sweep: every in-flight list whose consumer's heartbeat is older than
+            `heartbeat_ttl_s` is moved back onto its queue, message by message, and each
+            message's count of lost deliveries goes up by one.
+
+A consumer is alive while it refreshes its heartbeat: its in-flight list's score in one sorted
+set (`RedisKeys.consumers`), set from the Redis server's clock, every `heartbeat_interval_s`.
+Any process may sweep (workers do, after every heartbeat); the sweep takes no lock, so no
+process, dead or alive, can hold recovery up. A consumer's index entry outlives its death by
+`FORGET_AFTER_MS`, so a consumer that was only cut off (its messages swept meanwhile) and then
+fetches once more before its next heartbeat is still found if it dies right then.
+
+Why lists and not Redis Streams: Celery's consumer, task protocol and signals stay as they are
+(only the fetch, ack and restore of kombu's Redis transport change), each queued message costs
+one list element, and the queue stays a list that `LLEN`, KEDA's `redis` scaler and every
+operator tool read. docs/reliability.md gives the bounds and the tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+
+import redis
+
+from schemas.keys import RedisKeys
+
+log = logging.getLogger(__name__)
+
+# An index entry of a dead consumer is forgotten after this long (its list is empty by then).
+FORGET_AFTER_MS = 3_600_000
+DELIVERY_RECORD_TTL_S = 24 * 3600
+
+_HEARTBEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 1, #ARGV do
+  redis.call('ZADD', KEYS[1], now, ARGV[i])
+end
+return now
+"""
+
+# KEYS[1]: the consumer index. ARGV: heartbeat ttl (ms), forget-after (ms), the key prefix of
+# delivery records, their ttl (s). The queue is the part of the in-flight key after its last '|'.
+_SWEEP = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl, forget = tonumber(ARGV[1]), tonumber(ARGV[2])
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - ttl, 'WITHSCORES')
+local moved = 0
+for i = 1, #dead, 2 do
+  local inflight, seen = dead[i], tonumber(dead[i + 1])
+  local queue = string.match(inflight, '^.*|(.*)$')
+  local held = redis.call('LRANGE', inflight, 0, -1)
+  for j = #held, 1, -1 do
+    local raw = held[j]
+    redis.call('RPUSH', queue, raw)
+    local ok, message = pcall(cjson.decode, raw)
+    if ok and type(message) == 'table' and type(message['headers']) == 'table'
+        and type(message['headers']['id']) == 'string' then
+      local record = ARGV[3] .. message['headers']['id']
+      redis.call('HINCRBY', record, 'lost', 1)
+      redis.call('HSET', record, 'worker', string.match(inflight, '|(.*)|'), 'lost_at', now)
+      redis.call('EXPIRE', record, tonumber(ARGV[4]))
+    end
+  end
+  moved = moved + #held
+  redis.call('DEL', inflight)
+  if now - seen > forget then
+    redis.call('ZREM', KEYS[1], inflight)
+  end
+end
+return moved
+"""
+
+# KEYS: the in-flight list, the queue. ARGV: the message, 1 to put it at the front.
+_REQUEUE = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+  if ARGV[2] == '1' then
+    redis.call('RPUSH', KEYS[2], ARGV[1])
+  else
+    redis.call('LPUSH', KEYS[2], ARGV[1])
+  end
+  return 1
+end
+return 0
+"""
+
+
+class InflightLedger:
+    """The ack, requeue, heartbeat and sweep operations, on one Redis client."""
+
+    def __init__(self, client: redis.Redis, keys: RedisKeys, *, heartbeat_ttl_s: float) -> None:
+        self._redis = client
+        self._keys = keys
+        self._ttl_ms = int(heartbeat_ttl_s * 1000)
+        self._heartbeat = client.register_script(_HEARTBEAT)
+        self._sweep = client.register_script(_SWEEP)
+        self._requeue = client.register_script(_REQUEUE)
+
+    def ack(self, inflight: str, raw: bytes) -> bool:
+        """The message's outcome is written: it leaves its consumer's list for good."""
+        return bool(self._redis.lrem(inflight, 1, raw))  # type: ignore[arg-type] # bytes too
+
+    def requeue(self, inflight: str, queue: str, raw: bytes, *, front: bool) -> bool:
+        """Back onto its queue, at the front (next to be taken) or the back; False when the
+        consumer no longer held it (a sweep had already put it back)."""
+        return bool(self._requeue(keys=[inflight, queue], args=[raw, "1" if front else "0"]))
+
+    def beat(self, inflight_keys: Iterable[str]) -> None:
+        keys = list(inflight_keys)
+        if keys:
+            self._heartbeat(keys=[self._keys.consumers], args=keys)
+
+    def sweep(self) -> int:
+        """Put back what dead consumers held; returns how many messages moved."""
+        return int(self._sweep(keys=[self._keys.consumers], args=[
+            self._ttl_ms, FORGET_AFTER_MS, self._keys.deliveries(""), DELIVERY_RECORD_TTL_S]))
+
+    def listed(self, inflight: str) -> list[bytes]:
+        return list(self._redis.lrange(inflight, 0, -1))  # type: ignore[arg-type]
+
+    def held(self, queue: str) -> int:
+        """Messages of `queue` that consumers hold now, dead ones included until swept."""
+        lists: list[bytes] = self._redis.zrange(self._keys.consumers, 0, -1)  # type: ignore[assignment]
+        mine = [key for key in lists if key.decode().rpartition("|")[2] == queue]
+        pipe = self._redis.pipeline(transaction=False)
+        for key in mine:
+            pipe.llen(key)
+        return int(sum(pipe.execute()))
+
+
+class Heartbeat:
+    """A thread that keeps a consumer's in-flight lists alive, reconciles them with what the
+    consumer holds, and sweeps dead consumers' lists.
+
+    It runs apart from Celery's event loop, so a busy loop cannot make a live consumer look
+    dead; its own failures (Redis away) are logged and retried on the next beat.
+    """
+
+    def __init__(self, ledger: InflightLedger, inflight_keys: Callable[[], Iterable[str]],
+                 *, interval_s: float, name: str,
+                 reconcile: Callable[[], None] = lambda: None) -> None:
+        self._ledger = ledger
+        self._inflight_keys = inflight_keys
+        self._reconcile = reconcile
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self.beat_once()
+        self._thread.start()
+
+    def beat_once(self) -> None:
+        self._ledger.beat(self._inflight_keys())
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                self.beat_once()
+                self._reconcile()
+                moved = self._ledger.sweep()
+            except redis.RedisError as exc:
+                log.warning("in-flight heartbeat failed (retried in %.1f s): %s",
+                            self._interval_s, exc)
+                continue
+            if moved:
+                log.warning("put %d messages of dead consumers back on their queues", moved)

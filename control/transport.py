@@ -1,0 +1,257 @@
+"""Kombu's Redis transport with a fetch that records the message as held in the same command.
+
+Kombu's own Redis transport takes a message with `BRPOP` and records it as unacknowledged with
+a second command on another connection after an event-loop pass: a consumer killed in between
+(10–50 ms, seen in chaos runs) loses the message. Its recovery sweep also takes a lock that a
+killed consumer holds for five minutes. Here (`control/inflight.py` has the protocol):
+
+- the fetch is `BLMOVE queue inflight RIGHT LEFT` into this channel's own in-flight list;
+- an ack removes the message from that list; a reject with requeue, or a channel closing with
+  messages it never handed out, moves them back in one script;
+- a heartbeat thread keeps the list alive and sweeps the lists of consumers that stopped
+  beating, without a lock.
+
+Everything else (publishing, fan-out for Celery's events and remote control, reconnection) is
+kombu's. A channel consumes its queues in turn, blocking on one at a time; dualstream's workers
+consume one queue each. Priorities are not supported: each queue is one list.
+
+With `replicas_to_ack` (Sentinel deployments), a publish is acknowledged only once that many
+replicas have it (`WAIT`, on the connection that pushed it): a failover cannot lose an enqueue
+that was acknowledged; one that timed out fails and is published again (jobs are idempotent).
+
+The transport options it adds: `dualstream_key_prefix`, `heartbeat_interval_s`,
+`heartbeat_ttl_s`, `replicas_to_ack`, `replicas_ack_timeout_ms` (set by `control/broker.py`
+from the settings). `InflightSentinelTransport` is the same over Redis Sentinel.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from typing import Any
+
+import redis
+from kombu.transport import redis as kombu_redis
+from kombu.transport.virtual import Empty
+from kombu.utils.json import dumps, loads
+
+from control.inflight import Heartbeat, InflightLedger
+from schemas.keys import RedisKeys
+
+
+class InflightQoS(kombu_redis.QoS):
+    """Acknowledgement against the channel's in-flight list instead of kombu's unacked hash."""
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        super(kombu_redis.QoS, self).append(message, delivery_tag)
+
+    def ack(self, delivery_tag: str) -> None:
+        self.channel.ack_held(delivery_tag)
+        super(kombu_redis.QoS, self).ack(delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        if requeue:
+            self.channel.requeue_held(delivery_tag, front=False)
+        else:
+            self.channel.ack_held(delivery_tag)
+        super(kombu_redis.QoS, self).ack(delivery_tag)
+
+    def restore_unacked(self, client: Any = None) -> None:
+        for tag in list(self._delivered):
+            self.channel.requeue_held(tag, front=True)
+        self._delivered.clear()
+
+    def restore_visible(self, *args: Any, **kwargs: Any) -> None:
+        """Recovery is the heartbeat thread's sweep, not kombu's visibility-timeout scan."""
+
+
+class InflightChannel(kombu_redis.Channel):
+    QoS = InflightQoS
+    priority_steps = [0]  # noqa: RUF012 - kombu's own attribute: one list per queue
+    dualstream_key_prefix = "ds"
+    heartbeat_interval_s = 2.0
+    heartbeat_ttl_s = 15.0
+    replicas_to_ack = 0
+    replicas_ack_timeout_ms = 2000
+    from_transport_options = (  # type: ignore[assignment]
+        *kombu_redis.Channel.from_transport_options,
+        "dualstream_key_prefix", "heartbeat_interval_s", "heartbeat_ttl_s",
+        "replicas_to_ack", "replicas_ack_timeout_ms",
+    )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.consumer_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._keys = RedisKeys(self.dualstream_key_prefix)
+        self._held: dict[str, tuple[str, str, bytes]] = {}  # tag → (inflight, queue, raw)
+        self._watched: set[str] = set()
+        self._unheld: set[tuple[str, bytes]] = set()
+        self._heartbeat: Heartbeat | None = None
+        self._ledger: InflightLedger | None = None
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        """Fail like a lost connection once this channel's connection is closed.
+
+        After a broker outage Celery closes the old connection while tasks still run; kombu
+        5.7 raises AttributeError here then, which Celery treats as unrecoverable (the worker
+        exited in the Redis-restart test). A ConnectionError is logged and skipped instead.
+        """
+        transport = self.connection
+        if transport is None or transport.client is None:
+            raise redis.ConnectionError("this broker channel's connection was closed")
+        params: dict[str, Any] = super()._connparams(asynchronous=asynchronous)
+        return params
+
+    # The fetch ---------------------------------------------------------------------------
+    def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
+        consumer_tag = super().basic_consume(queue, *args, **kwargs)
+        self._watch(queue)  # before the first fetch, which only drain_events does
+        return consumer_tag
+
+    def _watch(self, queue: str) -> None:
+        """Register this consumer's in-flight list for `queue` before anything is fetched into
+        it, so that a sweep finds it whenever this consumer dies."""
+        if queue in self._watched:
+            return
+        self._watched.add(queue)
+        if self._heartbeat is None:
+            self._heartbeat = Heartbeat(self.ledger, self._inflight_keys,
+                                        interval_s=self.heartbeat_interval_s,
+                                        name=f"ds-heartbeat-{self.consumer_id}",
+                                        reconcile=self._reconcile)
+            self._heartbeat.start()
+        else:
+            self._heartbeat.beat_once()
+
+    def _reconcile(self) -> None:
+        """Put back what this consumer's lists hold but the consumer does not: an ack that a
+        failover lost, or a requeue that failed while Redis was away. A message must be seen
+        so twice, a beat apart, since a fetch lands in the list just before it is recorded."""
+        held = {raw for _, _, raw in list(self._held.values())}
+        unheld = set()
+        for queue in list(self._watched):
+            inflight = self._keys.inflight(self.consumer_id, queue)
+            for raw in self.ledger.listed(inflight):
+                if raw in held:
+                    continue
+                if (inflight, raw) in self._unheld:
+                    self.ledger.requeue(inflight, queue, raw, front=True)
+                else:
+                    unheld.add((inflight, raw))
+        self._unheld = unheld
+
+    def _inflight_keys(self) -> list[str]:
+        return [self._keys.inflight(self.consumer_id, queue) for queue in self._watched]
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        queue = queues[0]
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = kombu_redis.monotonic()  # type: ignore[assignment]
+        self._blmove_queue = queue
+        self.client.connection.send_command(
+            "BLMOVE", queue, self._keys.inflight(self.consumer_id, queue), "RIGHT", "LEFT",
+            self.brpop_timeout if timeout is None else (timeout or 0))
+
+    def _brpop_read(self, **options: Any) -> bool:
+        try:
+            try:
+                raw = self.client.parse_response(self.client.connection, "BLMOVE", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            if raw is None:
+                raise Empty()
+            queue = self._blmove_queue
+            self._queue_cycle.rotate(queue)
+            self._deliver_held(raw, queue)
+            return True
+        finally:
+            self._in_poll = None  # type: ignore[assignment]
+            self._flush_brpop_reauth()
+
+    def _get(self, queue: str, timeout: float | None = None) -> Any:
+        self._watch(queue)
+        with self.conn_or_acquire() as client:
+            raw = client.lmove(queue, self._keys.inflight(self.consumer_id, queue),
+                               "RIGHT", "LEFT")
+        if raw is None:
+            raise Empty()
+        payload = loads(raw)
+        self._hold(payload, queue, raw)
+        return payload
+
+    def _deliver_held(self, raw: bytes, queue: str) -> None:
+        payload = loads(raw)
+        self._hold(payload, queue, raw)
+        self.connection._deliver(payload, queue)
+
+    def _hold(self, payload: Any, queue: str, raw: bytes) -> None:
+        tag = payload["properties"]["delivery_tag"]
+        self._held[tag] = (self._keys.inflight(self.consumer_id, queue), queue, raw)
+
+    # Publishing --------------------------------------------------------------------------
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        if not self.replicas_to_ack or kwargs.get("_publish_batch") is not None:
+            super()._put(queue, message, **kwargs)
+            return
+        with self.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
+            pipe.lpush(queue, dumps(message))
+            pipe.execute_command("WAIT", self.replicas_to_ack, self.replicas_ack_timeout_ms)
+            _, replicas = pipe.execute()
+        if int(replicas) < self.replicas_to_ack:
+            raise redis.ConnectionError(
+                f"the enqueue reached {replicas} of {self.replicas_to_ack} replicas in "
+                f"{self.replicas_ack_timeout_ms} ms: not acknowledged")
+
+    # Settling ----------------------------------------------------------------------------
+    @property
+    def ledger(self) -> InflightLedger:
+        """On a client of its own: acks come from worker threads, and may outlive the
+        connection this channel consumed on."""
+        if self._ledger is None:
+            self._ledger = InflightLedger(redis.Redis(connection_pool=self._get_pool()),
+                                          self._keys, heartbeat_ttl_s=self.heartbeat_ttl_s)
+        return self._ledger
+
+    def ack_held(self, tag: str) -> None:
+        held = self._held.pop(tag, None)
+        if held is not None:
+            self.ledger.ack(held[0], held[2])
+
+    def requeue_held(self, tag: str, *, front: bool) -> None:
+        held = self._held.pop(tag, None)
+        if held is not None:
+            inflight, queue, raw = held
+            self.ledger.requeue(inflight, queue, raw, front=front)
+
+    def _restore(self, message: Any, leftmost: bool = False) -> None:
+        self.requeue_held(message.delivery_tag, front=not leftmost)
+
+    def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+        super().close()
+
+
+class InflightTransport(kombu_redis.Transport):
+    """Use as `broker_transport = "control.transport:InflightTransport"`."""
+
+    Channel = InflightChannel
+
+
+class InflightSentinelChannel(InflightChannel, kombu_redis.SentinelChannel):
+    from_transport_options = (  # type: ignore[assignment]
+        *InflightChannel.from_transport_options,
+        *(option for option in kombu_redis.SentinelChannel.from_transport_options
+          if option not in InflightChannel.from_transport_options),
+    )
+
+
+class InflightSentinelTransport(kombu_redis.SentinelTransport):
+    """The same over Redis Sentinel: `sentinel://` URLs and the `master_name` option."""
+
+    Channel = InflightSentinelChannel

@@ -1,0 +1,142 @@
+"""The in-flight protocol on a real redis-server: a fetched message is held by its consumer
+from the same command that took it; ack, requeue and the sweep of dead consumers each move it
+in one step; a live consumer is never swept."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from kombu import Connection
+
+from control.inflight import InflightLedger
+from control.transport import InflightTransport
+from schemas.keys import RedisKeys
+
+QUEUE = "dualstream.test-queue"
+KEYS = RedisKeys("ds")
+TTL_S = 1.0
+
+
+@pytest.fixture
+def client(redis_url: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_url)
+
+
+@pytest.fixture
+def connection(redis_url: str) -> Iterator[Connection]:
+    with Connection(redis_url, transport=InflightTransport, transport_options={
+            "heartbeat_interval_s": 0.2, "heartbeat_ttl_s": TTL_S}) as conn:
+        yield conn
+
+
+def publish(connection: Connection, body: dict[str, Any]) -> None:
+    with connection.Producer() as producer:
+        producer.publish(body, routing_key=QUEUE, serializer="json",
+                         headers={"id": body["id"]}, declare=[connection.SimpleQueue(QUEUE).queue])
+
+
+def held_lists(client: redis.Redis) -> dict[str, list[bytes]]:
+    keys = [key.decode() for key in client.zrange(KEYS.consumers, 0, -1)]
+    return {key: client.lrange(key, 0, -1) for key in keys if client.llen(key)}
+
+
+def test_a_fetched_message_is_held_by_its_consumer_and_gone_after_the_ack(
+        connection: Connection, client: redis.Redis) -> None:
+    publish(connection, {"id": "m1"})
+    queue = connection.SimpleQueue(QUEUE)
+    message = queue.get(timeout=2)
+    assert message.payload == {"id": "m1"}
+    assert client.llen(QUEUE) == 0
+    [(inflight, [raw])] = held_lists(client).items()
+    assert inflight.endswith(f"|{QUEUE}") and json.loads(raw)["headers"]["id"] == "m1"
+    message.ack()
+    assert held_lists(client) == {} and client.llen(QUEUE) == 0
+    queue.close()
+
+
+def test_a_rejected_message_goes_back_on_its_queue_once(connection: Connection,
+                                                       client: redis.Redis) -> None:
+    publish(connection, {"id": "m2"})
+    queue = connection.SimpleQueue(QUEUE)
+    message = queue.get(timeout=2)
+    message.requeue()
+    assert held_lists(client) == {} and client.llen(QUEUE) == 1
+    again = queue.get(timeout=2)
+    assert again.payload == {"id": "m2"}
+    again.ack()
+    queue.close()
+
+
+def test_a_consumer_that_stops_beating_has_its_messages_swept_back_and_counted_as_lost(
+        connection: Connection, client: redis.Redis) -> None:
+    publish(connection, {"id": "m3"})
+    queue = connection.SimpleQueue(QUEUE)
+    queue.get(timeout=2)
+    channel = queue.channel
+    channel._heartbeat.stop()  # as a SIGKILL would: the list stays, the beats stop
+    ledger = InflightLedger(client, KEYS, heartbeat_ttl_s=TTL_S)
+    assert ledger.held(QUEUE) == 1
+    assert ledger.sweep() == 0, "not dead yet"
+    time.sleep(TTL_S + 0.3)
+    assert ledger.sweep() == 1
+    assert client.llen(QUEUE) == 1 and held_lists(client) == {}
+    assert client.hget(KEYS.deliveries("m3"), "lost") == b"1"
+    assert ledger.held(QUEUE) == 0
+
+
+def test_a_live_consumer_is_never_swept(connection: Connection, client: redis.Redis) -> None:
+    publish(connection, {"id": "m4"})
+    queue = connection.SimpleQueue(QUEUE)
+    message = queue.get(timeout=2)
+    ledger = InflightLedger(client, KEYS, heartbeat_ttl_s=TTL_S)
+    deadline = time.monotonic() + 3 * TTL_S
+    while time.monotonic() < deadline:
+        assert ledger.sweep() == 0
+        time.sleep(0.1)
+    assert ledger.held(QUEUE) == 1
+    message.ack()
+    queue.close()
+
+
+def test_closing_a_channel_puts_back_what_it_never_acknowledged(
+        connection: Connection, client: redis.Redis) -> None:
+    publish(connection, {"id": "m5"})
+    queue = connection.SimpleQueue(QUEUE)
+    queue.get(timeout=2)
+    queue.close()
+    connection.release()
+    assert held_lists(client) == {} and client.llen(QUEUE) == 1
+
+
+def test_a_message_taken_with_basic_get_is_held_and_swept_like_any_other(
+        connection: Connection, client: redis.Redis) -> None:
+    publish(connection, {"id": "m6"})
+    channel = connection.channel()
+    message = channel.basic_get(QUEUE)
+    assert message is not None and held_lists(client) != {}
+    channel._heartbeat.stop()
+    time.sleep(TTL_S + 0.3)
+    assert InflightLedger(client, KEYS, heartbeat_ttl_s=TTL_S).sweep() == 1
+    assert client.llen(QUEUE) == 1
+
+
+def test_a_message_in_a_live_consumers_list_that_it_does_not_hold_is_put_back(
+        connection: Connection, client: redis.Redis) -> None:
+    """As after a failover that lost an ack, or a requeue that failed while Redis was away."""
+    publish(connection, {"id": "m7"})
+    queue = connection.SimpleQueue(QUEUE)
+    message = queue.get(timeout=2)
+    [inflight] = held_lists(client)
+    client.lpush(inflight, b'{"headers": {"id": "orphan"}}')
+    deadline = time.monotonic() + 3
+    while client.llen(QUEUE) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.lrange(QUEUE, 0, -1) == [b'{"headers": {"id": "orphan"}}']
+    assert len(client.lrange(inflight, 0, -1)) == 1, "the held message stays held"
+    message.ack()
+    queue.close()
