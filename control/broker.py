@@ -12,11 +12,12 @@ from typing import Any
 
 from celery import Celery
 
-from control.connections import broker_ssl_options, is_sentinel
-from schemas.keys import TASK_NAME
+from control.connections import broker_ssl_options, is_sentinel, redis_client
+from control.inflight import InflightLedger, Sweeper
+from schemas.keys import TASK_NAME, RedisKeys
 from schemas.settings import Settings
 
-__all__ = ["TASK_NAME", "broker_options", "heartbeat_timing", "producer_app"]
+__all__ = ["TASK_NAME", "broker_options", "heartbeat_timing", "producer_app", "start_sweeper"]
 
 BROKER_SOCKET_TIMEOUT_S = 30
 BROKER_CONNECT_TIMEOUT_S = 5
@@ -48,6 +49,8 @@ def broker_options(settings: Settings) -> dict[str, Any]:
             "dualstream_key_prefix": settings.key_prefix,
             "heartbeat_interval_s": interval,
             "heartbeat_ttl_s": ttl,
+            # After a reconnect, what tasks still work on stays held for at most this long.
+            "hold_limit_s": settings.visibility_timeout_s,
             # A broker that vanishes without closing the connection is noticed.
             "socket_timeout": BROKER_SOCKET_TIMEOUT_S,
             "socket_connect_timeout": BROKER_CONNECT_TIMEOUT_S,
@@ -71,6 +74,14 @@ def broker_options(settings: Settings) -> dict[str, Any]:
     if ssl_options is not None:
         options["broker_use_ssl"] = ssl_options
     return options
+
+
+def start_sweeper(settings: Settings) -> Sweeper:
+    """Sweep dead consumers' in-flight lists from this process, every heartbeat interval."""
+    interval, ttl = heartbeat_timing(settings)
+    ledger = InflightLedger(redis_client(settings), RedisKeys(settings.key_prefix),
+                            heartbeat_ttl_s=ttl)
+    return Sweeper(ledger, interval_s=interval).start()
 
 
 def producer_app(settings: Settings) -> Celery:

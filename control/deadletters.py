@@ -94,6 +94,21 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def dead_letter(*, payload: Any, code: ErrorCode, error: str, message_id: str | None,
+                deliveries: int, queue: str | None, raw_body: bytes | None = None,
+                content_type: str | None = None, dedupe_key: str | None = None) -> DeadLetter:
+    """A dead letter. With a `dedupe_key` (derived from the message id) its id is stable: a
+    message dead-lettered again after a redelivery replaces its entry."""
+    letter_id = (hashlib.sha256(dedupe_key.encode()).hexdigest()[:32] if dedupe_key
+                 else uuid.uuid4().hex)
+    return DeadLetter(
+        id=letter_id, message_id=message_id, code=code, error=json_safe(error),
+        deliveries=deliveries, payload=json_safe(payload), queue=queue, at=time.time(),
+        raw_body=(base64.b64encode(raw_body[:RAW_BODY_LIMIT]).decode()
+                  if raw_body is not None else None),
+        content_type=content_type)
+
+
 def _text(raw: bytes | str | None) -> str | None:
     return raw.decode(errors="replace") if isinstance(raw, bytes) else raw
 
@@ -129,19 +144,9 @@ class DeadLetterStore:
         self._redis.delete(self._keys.deliveries(message_id))
 
     # Dead letters --------------------------------------------------------------------------
-    def add(self, *, payload: Any, code: ErrorCode, error: str, message_id: str | None,
-            deliveries: int, queue: str | None, raw_body: bytes | None = None,
-            content_type: str | None = None, dedupe_key: str | None = None) -> DeadLetter:
-        """Store a dead letter. With a `dedupe_key` (derived from the message id) it is
-        idempotent: a message dead-lettered again after a redelivery replaces its entry."""
-        letter_id = (hashlib.sha256(dedupe_key.encode()).hexdigest()[:32] if dedupe_key
-                     else uuid.uuid4().hex)
-        letter = DeadLetter(
-            id=letter_id, message_id=message_id, code=code, error=json_safe(error),
-            deliveries=deliveries, payload=json_safe(payload), queue=queue, at=time.time(),
-            raw_body=(base64.b64encode(raw_body[:RAW_BODY_LIMIT]).decode()
-                      if raw_body is not None else None),
-            content_type=content_type)
+    def add(self, **fields: Any) -> DeadLetter:
+        """Store a dead letter (the fields of `dead_letter`)."""
+        letter = dead_letter(**fields)
         self._redis.hset(self._keys.dead_letters, letter.id, letter.model_dump_json())
         return letter
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 
 import redis
@@ -51,19 +52,29 @@ end
 return now
 """
 
-# KEYS[1]: the consumer index. ARGV: heartbeat ttl (ms), forget-after (ms), the key prefix of
-# delivery records, their ttl (s). The queue is the part of the in-flight key after its last '|'.
+# KEYS: the consumer index, the time of the last sweep. ARGV: heartbeat ttl (ms), forget-after
+# (ms), the key prefix of delivery records, their ttl (s). The queue is the part of the in-flight
+# key after its last '|'. When nobody swept for a ttl (Redis was down, or no consumer ran), no
+# consumer could beat either: each gets a ttl from now before it counts as dead.
 _SWEEP = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl, forget = tonumber(ARGV[1]), tonumber(ARGV[2])
+local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+redis.call('SET', KEYS[2], now)
+if now - last > ttl then
+  for _, inflight in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    redis.call('ZADD', KEYS[1], 'XX', now, inflight)
+  end
+  return 0
+end
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - ttl, 'WITHSCORES')
 local moved = 0
 for i = 1, #dead, 2 do
   local inflight, seen = dead[i], tonumber(dead[i + 1])
   local queue = string.match(inflight, '^.*|(.*)$')
   local held = redis.call('LRANGE', inflight, 0, -1)
-  for j = #held, 1, -1 do
+  for j = 1, #held do  -- newest first, so the oldest ends up next to be taken
     local raw = held[j]
     redis.call('RPUSH', queue, raw)
     local ok, message = pcall(cjson.decode, raw)
@@ -98,6 +109,16 @@ return 0
 """
 
 
+# KEYS: the in-flight list, the dead-letter hash. ARGV: the message, the letter's id and body.
+_BURY = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
 class InflightLedger:
     """The ack, requeue, heartbeat and sweep operations, on one Redis client."""
 
@@ -108,6 +129,7 @@ class InflightLedger:
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._sweep = client.register_script(_SWEEP)
         self._requeue = client.register_script(_REQUEUE)
+        self._bury = client.register_script(_BURY)
 
     def ack(self, inflight: str, raw: bytes) -> bool:
         """The message's outcome is written: it leaves its consumer's list for good."""
@@ -118,6 +140,12 @@ class InflightLedger:
         consumer no longer held it (a sweep had already put it back)."""
         return bool(self._requeue(keys=[inflight, queue], args=[raw, "1" if front else "0"]))
 
+    def bury(self, inflight: str, raw: bytes, letter_id: str, letter: str) -> bool:
+        """A message that cannot be delivered at all leaves its list for the dead-letter store,
+        in one step."""
+        return bool(self._bury(keys=[inflight, self._keys.dead_letters],
+                               args=[raw, letter_id, letter]))
+
     def beat(self, inflight_keys: Iterable[str]) -> None:
         keys = list(inflight_keys)
         if keys:
@@ -125,7 +153,7 @@ class InflightLedger:
 
     def sweep(self) -> int:
         """Put back what dead consumers held; returns how many messages moved."""
-        return int(self._sweep(keys=[self._keys.consumers], args=[
+        return int(self._sweep(keys=[self._keys.consumers, self._keys.last_sweep], args=[
             self._ttl_ms, FORGET_AFTER_MS, self._keys.deliveries(""), DELIVERY_RECORD_TTL_S]))
 
     def listed(self, inflight: str) -> list[bytes]:
@@ -157,6 +185,8 @@ class Heartbeat:
         self._reconcile = reconcile
         self._interval_s = interval_s
         self._stop = threading.Event()
+        self._done: Callable[[], bool] = lambda: False
+        self._retire_by = float("inf")
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
@@ -169,15 +199,53 @@ class Heartbeat:
     def stop(self) -> None:
         self._stop.set()
 
+    def retire(self, done: Callable[[], bool], within_s: float) -> None:
+        """Keep beating until `done()` (what the consumer still holds was settled) or for at
+        most `within_s`; then stop, and let a sweep take what is left."""
+        self._done = done
+        self._retire_by = time.monotonic() + within_s
+
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):
+            if self._done() or time.monotonic() > self._retire_by:
+                return
             try:
                 self.beat_once()
                 self._reconcile()
                 moved = self._ledger.sweep()
-            except redis.RedisError as exc:
-                log.warning("in-flight heartbeat failed (retried in %.1f s): %s",
-                            self._interval_s, exc)
+            except Exception as exc:  # noqa: BLE001 - a heartbeat that dies makes us look dead
+                log.warning("in-flight heartbeat failed (retried in %.1f s): %s: %s",
+                            self._interval_s, type(exc).__name__, exc)
+                continue
+            if moved:
+                log.warning("put %d messages of dead consumers back on their queues", moved)
+
+
+class Sweeper:
+    """A thread that only sweeps: for processes that hold nothing themselves (a worker while
+    its model loads, a restorer beside the API), so that dead consumers' messages come back
+    even when no consumer runs."""
+
+    def __init__(self, ledger: InflightLedger, *, interval_s: float) -> None:
+        self._ledger = ledger
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ds-sweeper", daemon=True)
+
+    def start(self) -> Sweeper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                moved = self._ledger.sweep()
+            except Exception as exc:  # noqa: BLE001 - logged; the next round tries again
+                log.warning("sweep failed (retried in %.1f s): %s: %s", self._interval_s,
+                            type(exc).__name__, exc)
                 continue
             if moved:
                 log.warning("put %d messages of dead consumers back on their queues", moved)

@@ -26,6 +26,7 @@ from the settings). `InflightSentinelTransport` is the same over Redis Sentinel.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
@@ -36,8 +37,17 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import Empty
 from kombu.utils.json import dumps, loads
 
+from control.deadletters import dead_letter
 from control.inflight import Heartbeat, InflightLedger
+from schemas.errors import ErrorCode
 from schemas.keys import RedisKeys
+
+log = logging.getLogger(__name__)
+
+
+class EnqueueNotReplicated(RuntimeError):
+    """A publish that did not reach `replicas_to_ack` replicas in time; not retried by
+    Celery (it is not a connection error), since the message is already on the queue."""
 
 
 class InflightQoS(kombu_redis.QoS):
@@ -72,11 +82,13 @@ class InflightChannel(kombu_redis.Channel):
     dualstream_key_prefix = "ds"
     heartbeat_interval_s = 2.0
     heartbeat_ttl_s = 15.0
+    hold_limit_s = 300.0
     replicas_to_ack = 0
     replicas_ack_timeout_ms = 2000
+    replicas_ack_tries = 3
     from_transport_options = (  # type: ignore[assignment]
         *kombu_redis.Channel.from_transport_options,
-        "dualstream_key_prefix", "heartbeat_interval_s", "heartbeat_ttl_s",
+        "dualstream_key_prefix", "heartbeat_interval_s", "heartbeat_ttl_s", "hold_limit_s",
         "replicas_to_ack", "replicas_ack_timeout_ms",
     )
 
@@ -86,6 +98,8 @@ class InflightChannel(kombu_redis.Channel):
         self._keys = RedisKeys(self.dualstream_key_prefix)
         self._held: dict[str, tuple[str, str, bytes]] = {}  # tag → (inflight, queue, raw)
         self._watched: set[str] = set()
+        self._no_ack: set[str] = set()
+        self._fetching: str | None = None  # the queue of a BLMOVE whose reply is unread
         self._unheld: set[tuple[str, bytes]] = set()
         self._heartbeat: Heartbeat | None = None
         self._ledger: InflightLedger | None = None
@@ -104,8 +118,12 @@ class InflightChannel(kombu_redis.Channel):
         return params
 
     # The fetch ---------------------------------------------------------------------------
-    def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
-        consumer_tag = super().basic_consume(queue, *args, **kwargs)
+    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        consumer_tag = super().basic_consume(queue, no_ack, *args, **kwargs)
+        if queue in self._fanout_queues:
+            return consumer_tag  # pub/sub (Celery's events and remote control): nothing held
+        if no_ack:
+            self._no_ack.add(queue)
         self._watch(queue)  # before the first fetch, which only drain_events does
         return consumer_tag
 
@@ -132,7 +150,10 @@ class InflightChannel(kombu_redis.Channel):
         unheld = set()
         for queue in list(self._watched):
             inflight = self._keys.inflight(self.consumer_id, queue)
-            for raw in self.ledger.listed(inflight):
+            listed = self.ledger.listed(inflight)
+            if self._fetching == queue:
+                listed = listed[1:]  # the newest may be a fetch whose reply is not read yet
+            for raw in listed:
                 if raw in held:
                     continue
                 if (inflight, raw) in self._unheld:
@@ -142,7 +163,7 @@ class InflightChannel(kombu_redis.Channel):
         self._unheld = unheld
 
     def _inflight_keys(self) -> list[str]:
-        return [self._keys.inflight(self.consumer_id, queue) for queue in self._watched]
+        return [self._keys.inflight(self.consumer_id, queue) for queue in list(self._watched)]
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         queues = self._queue_cycle.consume(len(self.active_queues))
@@ -151,47 +172,67 @@ class InflightChannel(kombu_redis.Channel):
         queue = queues[0]
         self._in_poll = self.client.connection
         self._brpop_sent_at = kombu_redis.monotonic()  # type: ignore[assignment]
-        self._blmove_queue = queue
+        self._fetching = queue
         self.client.connection.send_command(
             "BLMOVE", queue, self._keys.inflight(self.consumer_id, queue), "RIGHT", "LEFT",
             self.brpop_timeout if timeout is None else (timeout or 0))
 
     def _brpop_read(self, **options: Any) -> bool:
+        queue = self._fetching
         try:
             try:
                 raw = self.client.parse_response(self.client.connection, "BLMOVE", **options)
             except self.connection_errors:
                 self.client.connection.disconnect()
                 raise
-            if raw is None:
+            if raw is None or queue is None:
                 raise Empty()
-            queue = self._blmove_queue
             self._queue_cycle.rotate(queue)
-            self._deliver_held(raw, queue)
+            payload = self._hold(raw, queue)
+            if payload is not None:
+                self.connection._deliver(payload, queue)
+                if queue in self._no_ack:
+                    self.ack_held(payload["properties"]["delivery_tag"])
             return True
         finally:
+            self._fetching = None
             self._in_poll = None  # type: ignore[assignment]
             self._flush_brpop_reauth()
+
+    def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
+        message = super().basic_get(queue, no_ack=no_ack, **kwargs)
+        if message is not None and no_ack:
+            self.ack_held(message.delivery_tag)
+        return message
 
     def _get(self, queue: str, timeout: float | None = None) -> Any:
         self._watch(queue)
         with self.conn_or_acquire() as client:
             raw = client.lmove(queue, self._keys.inflight(self.consumer_id, queue),
                                "RIGHT", "LEFT")
-        if raw is None:
+        payload = None if raw is None else self._hold(raw, queue)
+        if payload is None:
             raise Empty()
-        payload = loads(raw)
-        self._hold(payload, queue, raw)
         return payload
 
-    def _deliver_held(self, raw: bytes, queue: str) -> None:
-        payload = loads(raw)
-        self._hold(payload, queue, raw)
-        self.connection._deliver(payload, queue)
-
-    def _hold(self, payload: Any, queue: str, raw: bytes) -> None:
-        tag = payload["properties"]["delivery_tag"]
-        self._held[tag] = (self._keys.inflight(self.consumer_id, queue), queue, raw)
+    def _hold(self, raw: bytes, queue: str) -> Any:
+        """Record a fetched message as held; the payload, or None for an element that is not
+        a message at all, which goes to the dead-letter store (delivered, it would stop the
+        consumer; put back, every consumer in turn)."""
+        inflight = self._keys.inflight(self.consumer_id, queue)
+        try:
+            payload = loads(raw)
+            tag = payload["properties"]["delivery_tag"]
+            self._held[tag] = (inflight, queue, raw)
+        except Exception as exc:  # noqa: BLE001 - any element that does not decode
+            letter = dead_letter(payload=None, code=ErrorCode.INVALID_JOB, message_id=None,
+                                 error=f"not a message: {type(exc).__name__}: {exc}",
+                                 deliveries=1, queue=queue, raw_body=raw)
+            self.ledger.bury(inflight, raw, letter.id, letter.model_dump_json())
+            log.error("dead-lettered an element of %s that is not a message: %s (%s)", queue,
+                      letter.id, exc)
+            return None
+        return payload
 
     # Publishing --------------------------------------------------------------------------
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
@@ -202,10 +243,17 @@ class InflightChannel(kombu_redis.Channel):
             pipe.lpush(queue, dumps(message))
             pipe.execute_command("WAIT", self.replicas_to_ack, self.replicas_ack_timeout_ms)
             _, replicas = pipe.execute()
+            for _ in range(self.replicas_ack_tries - 1):
+                if int(replicas) >= self.replicas_to_ack:
+                    return
+                # Only WAIT again, on the same connection: publishing again would duplicate.
+                replicas = pipe.execute_command("WAIT", self.replicas_to_ack,
+                                                self.replicas_ack_timeout_ms)
         if int(replicas) < self.replicas_to_ack:
-            raise redis.ConnectionError(
+            raise EnqueueNotReplicated(
                 f"the enqueue reached {replicas} of {self.replicas_to_ack} replicas in "
-                f"{self.replicas_ack_timeout_ms} ms: not acknowledged")
+                f"{self.replicas_ack_tries} × {self.replicas_ack_timeout_ms} ms: it may be "
+                "lost at a failover; submit it again (jobs are idempotent)")
 
     # Settling ----------------------------------------------------------------------------
     @property
@@ -213,8 +261,8 @@ class InflightChannel(kombu_redis.Channel):
         """On a client of its own: acks come from worker threads, and may outlive the
         connection this channel consumed on."""
         if self._ledger is None:
-            self._ledger = InflightLedger(redis.Redis(connection_pool=self._get_pool()),
-                                          self._keys, heartbeat_ttl_s=self.heartbeat_ttl_s)
+            self._ledger = InflightLedger(redis.Redis(connection_pool=self.pool), self._keys,
+                                          heartbeat_ttl_s=self.heartbeat_ttl_s)
         return self._ledger
 
     def ack_held(self, tag: str) -> None:
@@ -232,9 +280,12 @@ class InflightChannel(kombu_redis.Channel):
         self.requeue_held(message.delivery_tag, front=not leftmost)
 
     def close(self) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.stop()
+        """Closing puts back what was never handed out (`restore_unacked`); messages still
+        being worked on (after a reconnect, tasks go on) stay held, and beaten for, until they
+        are settled or the hold limit passes; a sweep takes what is left after that."""
         super().close()
+        if self._heartbeat is not None:
+            self._heartbeat.retire(lambda: not self._held, self.hold_limit_s)
 
 
 class InflightTransport(kombu_redis.Transport):

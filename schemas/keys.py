@@ -47,6 +47,11 @@ class RedisKeys:
         """Sorted set: each in-flight list, scored by its consumer's last heartbeat (ms)."""
         return f"{self.prefix}:consumers"
 
+    @property
+    def last_sweep(self) -> str:
+        """When a consumer last swept the index (ms, Redis's clock)."""
+        return f"{self.prefix}:consumers:swept"
+
     def deliveries(self, message_id: str) -> str:
         return f"{self.prefix}:deliveries:{message_id}"
 

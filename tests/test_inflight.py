@@ -4,6 +4,7 @@ in one step; a live consumer is never swept."""
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import Iterator
@@ -13,9 +14,14 @@ import pytest
 import redis
 from kombu import Connection
 
+from control.deadletters import DeadLetterStore
 from control.inflight import InflightLedger
 from control.transport import InflightTransport
+from schemas.errors import ErrorCode
 from schemas.keys import RedisKeys
+from tests.fixtures.faults import owned_redis
+
+_ = owned_redis  # a fixture
 
 QUEUE = "dualstream.test-queue"
 KEYS = RedisKeys("ds")
@@ -38,6 +44,15 @@ def publish(connection: Connection, body: dict[str, Any]) -> None:
     with connection.Producer() as producer:
         producer.publish(body, routing_key=QUEUE, serializer="json",
                          headers={"id": body["id"]}, declare=[connection.SimpleQueue(QUEUE).queue])
+
+
+def sweep_for(ledger: InflightLedger, seconds: float) -> int:
+    """Sweep every 0.2 s for `seconds`, as live consumers do; messages moved in all."""
+    moved, deadline = 0, time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        moved += ledger.sweep()
+        time.sleep(0.2)
+    return moved
 
 
 def held_lists(client: redis.Redis) -> dict[str, list[bytes]]:
@@ -82,8 +97,7 @@ def test_a_consumer_that_stops_beating_has_its_messages_swept_back_and_counted_a
     ledger = InflightLedger(client, KEYS, heartbeat_ttl_s=TTL_S)
     assert ledger.held(QUEUE) == 1
     assert ledger.sweep() == 0, "not dead yet"
-    time.sleep(TTL_S + 0.3)
-    assert ledger.sweep() == 1
+    assert sweep_for(ledger, TTL_S + 0.5) == 1
     assert client.llen(QUEUE) == 1 and held_lists(client) == {}
     assert client.hget(KEYS.deliveries("m3"), "lost") == b"1"
     assert ledger.held(QUEUE) == 0
@@ -120,8 +134,7 @@ def test_a_message_taken_with_basic_get_is_held_and_swept_like_any_other(
     message = channel.basic_get(QUEUE)
     assert message is not None and held_lists(client) != {}
     channel._heartbeat.stop()
-    time.sleep(TTL_S + 0.3)
-    assert InflightLedger(client, KEYS, heartbeat_ttl_s=TTL_S).sweep() == 1
+    assert sweep_for(InflightLedger(client, KEYS, heartbeat_ttl_s=TTL_S), TTL_S + 0.5) == 1
     assert client.llen(QUEUE) == 1
 
 
@@ -140,3 +153,38 @@ def test_a_message_in_a_live_consumers_list_that_it_does_not_hold_is_put_back(
     assert len(client.lrange(inflight, 0, -1)) == 1, "the held message stays held"
     message.ack()
     queue.close()
+
+
+def test_an_element_that_is_not_a_message_goes_to_the_dead_letter_store_and_stops_nothing(
+        connection: Connection, client: redis.Redis) -> None:
+    client.lpush(QUEUE, b"not json at all")  # taken first: the oldest
+    publish(connection, {"id": "m8"})
+    queue = connection.SimpleQueue(QUEUE)
+    message = queue.get(timeout=3)
+    assert message.payload == {"id": "m8"}
+    [letter] = DeadLetterStore(client, KEYS).list()
+    assert letter.code is ErrorCode.INVALID_JOB and letter.error.startswith("not a message")
+    assert base64.b64decode(letter.raw_body or "") == b"not json at all"
+    message.ack()
+    assert held_lists(client) == {} and client.llen(QUEUE) == 0
+    queue.close()
+
+
+def test_a_redis_outage_longer_than_the_ttl_sweeps_no_live_consumer(
+        owned_redis: Any) -> None:
+    """While Redis is down no consumer can beat; afterwards each gets a ttl to beat again."""
+    server = owned_redis()
+    with Connection(server.url, transport=InflightTransport, transport_options={
+            "heartbeat_interval_s": 0.2, "heartbeat_ttl_s": TTL_S}) as conn:
+        publish(conn, {"id": "m9"})
+        queue = conn.SimpleQueue(QUEUE)
+        message = queue.get(timeout=2)
+        server.stop()
+        time.sleep(3 * TTL_S)
+        server.start()
+        client = server.client()
+        assert sweep_for(InflightLedger(client, KEYS, heartbeat_ttl_s=TTL_S), 3 * TTL_S) == 0
+        assert client.llen(QUEUE) == 0 and len(held_lists(client)) == 1
+        assert client.hgetall(KEYS.deliveries("m9")) == {}
+        message.ack()
+        queue.close()

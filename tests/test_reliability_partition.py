@@ -135,4 +135,9 @@ def test_a_worker_cut_off_longer_than_the_visibility_timeout_duplicates_nothing(
     assert other.output().count("succeeded in") > 0
     wait_for(lambda: held_messages(broker) == [] and broker.llen(queue_name(model)) == 0, 60,
              "nothing waiting or held")
-    assert cut_off.process.poll() is None, "the cut-off worker came back"
+    other.stop()
+    again = client.submit_many([Job(task=Task.TEXT_EMBEDDING, text=f"after the cut {i}",
+                                    model=model) for i in range(16)], per_message=8)
+    assert all(r.status is Status.DONE for r in client.wait(again, timeout=120)), \
+        "the cut-off worker came back and consumes again"
+    assert cut_off.process.poll() is None

@@ -1,10 +1,11 @@
 """Redis Sentinel: the primary is SIGKILLed mid-run, the sentinels promote its replica, and the
 worker and the producer follow it; no job whose enqueue was acknowledged is lost.
 
-Real processes: a primary and a replica (`redis-server`, AOF), three `redis-sentinel`s, a
+Real processes: a primary and two replicas (`redis-server`, AOF), three `redis-sentinel`s, a
 `dualstream worker`, and a producer submitting all along. Enqueues wait for one replica
-(`redis_replicas_to_ack=1`, Redis `WAIT`), so an acknowledged enqueue is on the replica when
-the primary dies.
+(`redis_replicas_to_ack=1`, Redis `WAIT`), so an acknowledged enqueue is on a replica when the
+primary dies; after the promotion the other replica follows the new primary, so enqueues are
+acknowledged again.
 """
 
 from __future__ import annotations
@@ -60,14 +61,15 @@ def _pings(node: Node) -> bool:
 
 
 @pytest.fixture
-def sentinel_group(tmp_path: Path) -> Iterator[tuple[Node, Node, list[Node]]]:
+def sentinel_group(tmp_path: Path) -> Iterator[tuple[Node, list[Node], list[Node]]]:
     require("redis-server")
     require("redis-sentinel")
     nodes: list[Node] = []
     try:
         primary_port = free_port()
-        for name, extra in (("primary", []), ("replica", ["--replicaof", "127.0.0.1",
-                                                            str(primary_port)])):
+        replica_of = ["--replicaof", "127.0.0.1", str(primary_port)]
+        for name, extra in (("primary", []), ("replica-1", replica_of),
+                            ("replica-2", replica_of)):
             directory = tmp_path / name
             directory.mkdir()
             port = primary_port if name == "primary" else free_port()
@@ -75,8 +77,9 @@ def sentinel_group(tmp_path: Path) -> Iterator[tuple[Node, Node, list[Node]]]:
                                  str(port), "--bind", "127.0.0.1", "--dir", str(directory),
                                  "--appendonly", "yes", "--appendfsync", "always",
                                  "--save", "", *extra], port))
-        wait_for(lambda: nodes[1].client().info("replication")["master_link_status"] == "up",
-                 20, "the replica to sync")
+        for replica in nodes[1:3]:
+            wait_for(lambda r=replica: r.client().info("replication")["master_link_status"]
+                     == "up", 20, "the replicas to sync")
         for i in range(3):
             port = free_port()
             config = tmp_path / f"sentinel-{i}.conf"
@@ -86,7 +89,7 @@ def sentinel_group(tmp_path: Path) -> Iterator[tuple[Node, Node, list[Node]]]:
                 f"sentinel failover-timeout {MASTER} 5000\n")
             nodes.append(_start([shutil.which("redis-sentinel") or "redis-sentinel",
                                  str(config)], port))
-        yield nodes[0], nodes[1], nodes[2:]
+        yield nodes[0], nodes[1:3], nodes[3:]
     finally:
         for node in nodes:
             if node.process.poll() is None:
@@ -117,9 +120,9 @@ class Producer(threading.Thread):
 
 
 def test_a_primary_killed_mid_run_fails_over_and_no_acknowledged_job_is_lost(
-        sentinel_group: tuple[Node, Node, list[Node]], worker_launcher: Any,
+        sentinel_group: tuple[Node, list[Node], list[Node]], worker_launcher: Any,
         tiny_model_dirs: dict[str, str], tmp_path: Path) -> None:
-    primary, replica, sentinels = sentinel_group
+    primary, replicas, sentinels = sentinel_group
     url = ";".join(f"sentinel://127.0.0.1:{node.port}/0" for node in sentinels)
     model = tiny_model_dirs["openclip"]
     settings = {"redis_url": url, "redis_sentinel_master": MASTER, "model": model,
@@ -133,8 +136,9 @@ def test_a_primary_killed_mid_run_fails_over_and_no_acknowledged_job_is_lost(
     wait_for(lambda: len(producer.acknowledged) >= 50, 60, "jobs before the failover")
     primary.process.send_signal(signal.SIGKILL)
     primary.process.wait()
-    wait_for(lambda: replica.client().info("replication")["role"] == "master", 60,
-             "the sentinels to promote the replica")
+    promoted = wait_for(lambda: next((r for r in replicas if r.client().info("replication")
+                                      ["role"] == "master"), None), 60,
+                        "the sentinels to promote a replica")
     acknowledged_at_failover = len(producer.acknowledged)
     wait_for(lambda: len(producer.acknowledged) >= acknowledged_at_failover + 50, 120,
              "jobs after the failover")
@@ -149,4 +153,7 @@ def test_a_primary_killed_mid_run_fails_over_and_no_acknowledged_job_is_lost(
         f"{sum(s is not Status.DONE for s in statuses)} of {len(ids)} acknowledged jobs "
         "not done")
     assert worker.process.poll() is None, "the worker followed the new primary"
-    assert client.redis.connection_pool.get_master_address()[1] == replica.port
+    assert client.redis.connection_pool.get_master_address()[1] == promoted.port
+    assert producer.errors == [], "the producer rode out the failover"
+    waits = promoted.client().info("commandstats").get("cmdstat_wait", {}).get("calls", 0)
+    assert waits >= len(ids) - acknowledged_at_failover, "each enqueue waited for a replica"

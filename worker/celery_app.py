@@ -39,7 +39,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_pool": "threads",
         "worker_concurrency": settings.max_inflight_messages,
         # Threads cannot be cancelled; a task whose connection dropped finishes its (idempotent)
-        # work, and its message comes back after the visibility timeout if the ack was lost.
+        # work; if its ack is lost, the message comes back (control/inflight.py) and is found
+        # done.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         # Messages that never reach the task (not JSON, pickle, unknown task) are dead-lettered.
         "worker_consumer": "worker.tasks:Consumer",

@@ -10,6 +10,7 @@ workers at once, ends up in exactly one committed shard.
 from __future__ import annotations
 
 import io
+import logging
 import time
 import uuid
 from collections.abc import Sequence
@@ -26,6 +27,8 @@ from schemas.jobs import Job
 from schemas.keys import ShardPaths
 from schemas.outputs import METADATA_COLUMNS, ColumnType, MetadataRow, ShardManifest
 from schemas.results import LabelScore, OutputLocation
+
+log = logging.getLogger(__name__)
 
 _ARROW_TYPES: dict[ColumnType, pa.DataType] = {
     ColumnType.INT32: pa.int32(),
@@ -45,6 +48,32 @@ class OutputRow:
     etag: str | None
     labels: list[LabelScore] | None
     text_truncated: bool
+
+
+@dataclass(frozen=True)
+class _CommittedShard:
+    manifest: ShardManifest
+    uri: str
+    vectors: np.ndarray | None
+    rows: list[MetadataRow]
+
+    def outcome(self, job: Job) -> RowOutcome | None:
+        """Where `job`'s row stands in this shard, with the row as committed; None if absent."""
+        row = self.manifest.row_of(job.job_id)
+        if row is None:
+            return None
+        return RowOutcome(location=OutputLocation(shard=self.uri, row=row),
+                          committed=self._output_row(job, row))
+
+    def _output_row(self, job: Job, row: int) -> OutputRow | None:
+        if self.vectors is None or row >= len(self.rows):
+            return None
+        meta = self.rows[row]
+        labels = [LabelScore(label=label, score=score)
+                  for label, score in zip(meta.labels, meta.scores, strict=True)]
+        return OutputRow(job, self.vectors[row], meta.etag,
+                         labels if labels or job.zero_shot is not None else None,
+                         meta.text_truncated)
 
 
 @dataclass(frozen=True)
@@ -129,6 +158,7 @@ class ShardWriter:
         paths = ShardPaths(model, modality)
         shard = new_shard_id(self._worker)
         claims = self._results.claim([r.job.job_id for r in rows], shard, self._lease_s)
+        dead_shards: dict[str, _CommittedShard | None] = {}
         outcomes: list[RowOutcome | None] = [None] * len(rows)
         for i, (row, claim) in enumerate(zip(rows, claims, strict=True)):
             if claim.state == "done":
@@ -138,37 +168,33 @@ class ShardWriter:
                     f"job {row.job.job_id} is being written by shard {claim.previous_shard}",
                     retry_after_s=claim.retry_after_s))
             elif claim.state == "taken" and claim.previous_shard:
-                outcomes[i] = self._recover(paths, claim.previous_shard, row.job)
+                previous = claim.previous_shard
+                if previous not in dead_shards:
+                    dead_shards[previous] = self._committed_shard(paths, previous)
+                committed = dead_shards[previous]
+                outcomes[i] = committed.outcome(row.job) if committed is not None else None
         pending = [i for i, outcome in enumerate(outcomes) if outcome is None]
         for i, location in zip(pending, self._commit(paths, shard, [rows[i] for i in pending]),
                                strict=True):
             outcomes[i] = location
         return [o if o is not None else RowOutcome() for o in outcomes]
 
-    def _recover(self, paths: ShardPaths, shard: str, job: Job) -> RowOutcome | None:
-        """A dead writer's shard: if it was committed, its row stands and nothing is rewritten."""
+    def _committed_shard(self, paths: ShardPaths, shard: str) -> _CommittedShard | None:
+        """A dead writer's shard, read once per write: None unless it was committed (then its
+        rows stand and are not rewritten)."""
         raw = self._store.get(paths.manifest(shard))
         if raw is None:
             return None
-        row = ShardManifest.model_validate_json(raw).row_of(job.job_id)
-        if row is None:
-            return None
-        return RowOutcome(location=OutputLocation(
-            shard=self._store.uri(paths.embeddings(shard)), row=row),
-            committed=self._read_row(paths, shard, row, job))
-
-    def _read_row(self, paths: ShardPaths, shard: str, row: int, job: Job) -> OutputRow | None:
-        vectors, table = (self._store.get(paths.embeddings(shard)),
-                          self._store.get(paths.metadata(shard)))
-        if vectors is None or table is None:
-            return None
-        meta = MetadataRow.model_validate(pq.read_table(io.BytesIO(table)).slice(row, 1)
-                                          .to_pylist()[0])
-        labels = [LabelScore(label=label, score=score)
-                  for label, score in zip(meta.labels, meta.scores, strict=True)]
-        return OutputRow(job, np.load(io.BytesIO(vectors), allow_pickle=False)[row], meta.etag,
-                         labels if labels or job.zero_shot is not None else None,
-                         meta.text_truncated)
+        try:
+            vectors = np.load(io.BytesIO(self._store.get(paths.embeddings(shard)) or b""),
+                              allow_pickle=False)
+            table = pq.read_table(io.BytesIO(self._store.get(paths.metadata(shard)) or b""))
+            rows = [MetadataRow.model_validate(row) for row in table.to_pylist()]
+        except Exception:
+            log.warning("committed shard %s could not be read back", shard, exc_info=True)
+            vectors, rows = None, []
+        return _CommittedShard(ShardManifest.model_validate_json(raw),
+                               self._store.uri(paths.embeddings(shard)), vectors, rows)
 
     def _commit(self, paths: ShardPaths, shard: str,
                 rows: Sequence[OutputRow]) -> list[RowOutcome]:

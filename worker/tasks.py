@@ -8,7 +8,8 @@ message whose task raised (`task_acks_on_failure_or_timeout`), which would lose 
 exception escapes. An error that recurs on every delivery is not retried forever: the message
 policy counts the deliveries that ended in one and quarantines the message after
 `max_deliveries` (`worker/message_policy.py`). Where even a requeue cannot reach Redis, the
-message stays unacknowledged and comes back after the visibility timeout.
+message stays in this consumer's in-flight list: its reconciliation puts it back two heartbeats
+later, or, if this worker dies first, a sweep within `heartbeat_ttl_s` (control/inflight.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from celery.signals import worker_init, worker_shutdown, worker_shutting_down
 from celery.utils.time import get_exponential_backoff_interval
 from celery.worker.consumer import Consumer as CeleryConsumer
 
+from control.broker import start_sweeper
 from schemas.keys import TASK_NAME
 from schemas.settings import Settings
 from worker.message_policy import Outcome
@@ -133,6 +135,8 @@ def _build_runtime(sender: Any, **_: Any) -> None:
     if not hasattr(app, "dualstream_settings") or app.conf.worker_pool == "prefork":
         return  # not a dualstream app
     try:
+        # Dead consumers' messages come back while the model loads, too.
+        start_sweeper(app_settings(app))
         get_runtime(app_settings(app))
     except Exception as exc:
         log.critical("the worker cannot start: %s: %s", type(exc).__name__, exc,
