@@ -92,9 +92,12 @@ def test_the_base_install_has_no_model_libraries(producer_venv: tuple[Path, Path
     assert json.loads(found) == []
 
 
-def test_producer_commands_work_without_the_worker_extra(
-        producer_venv: tuple[Path, Path], redis_url: str, tmp_path: Path,
+@pytest.mark.parametrize("install", ["producer-only", "development"])
+def test_producer_commands_work_and_import_no_model_library(
+        install: str, producer_venv: tuple[Path, Path], redis_url: str, tmp_path: Path,
         tiny_model_dirs: dict[str, str], start_worker: Any) -> None:
+    """In the base install, and in the development one, where the model libraries are
+    installed, so that an import of one by the producer side would show."""
     _, env_dir = producer_venv
     model = tiny_model_dirs["openclip"]
     folder = tmp_path / "images"
@@ -107,13 +110,16 @@ def test_producer_commands_work_without_the_worker_extra(
                  output_uri=(tmp_path / "out").as_uri(), health_dir=str(tmp_path / "health"))
 
     env = worker_env(redis_url=redis_url, model=model)
-    del env["PYTHONPATH"]  # only what the wheel installed
-    version = subprocess.run([str(env_dir / "bin" / "dualstream"), "--version"], env=env,
-                             capture_output=True, text=True, check=True, cwd=tmp_path)
-    assert version.stdout.startswith("dualstream, version ")
+    python = sys.executable
+    if install == "producer-only":
+        del env["PYTHONPATH"]  # only what the wheel installed
+        python = str(env_dir / "bin" / "python")
+        version = subprocess.run([str(env_dir / "bin" / "dualstream"), "--version"], env=env,
+                                 capture_output=True, text=True, check=True, cwd=tmp_path)
+        assert version.stdout.startswith("dualstream, version ")
     finished = subprocess.run(
-        [str(env_dir / "bin" / "python"), "-c", DRIVER % {"heavy": HEAVY}, str(folder),
-         str(image)], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        [python, "-c", DRIVER % {"heavy": HEAVY}, str(folder), str(image)], env=env,
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert finished.returncode == 0, finished.stderr[-3000:]
     report = json.loads(finished.stdout.strip().splitlines()[-1])
 
