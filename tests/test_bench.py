@@ -8,6 +8,7 @@ quotes. It asserts nothing about speed; throughput is measured by `python -m ben
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -67,3 +68,19 @@ def test_batch_fill_is_read_from_the_committed_shards(report: dict[str, object])
     assert streaming["shards"] >= 2  # 6 images, at most 4 a batch
     assert 0 < streaming["batch_fill"] <= 1.0
     assert streaming["rows_per_shard"] * streaming["shards"] == pytest.approx(6)
+
+
+def test_the_redis_cost_bench_counts_each_sides_commands_cpu_and_bytes(
+        tmp_path: Path) -> None:
+    """Smoke test of `python -m bench.redis_cost` at a small size: the report is complete and
+    the counts are the shape of the protocol (one message per 8 jobs, every job's outcome
+    written by the worker); it asserts no target."""
+    from bench.redis_cost import measure, render
+
+    require("redis-server")
+    report = measure(jobs=32, per_message=8, labels=3, workdir=tmp_path)
+    assert report["producer"]["by_command"]["lpush"] == pytest.approx(1 / 8)
+    assert report["worker"]["by_command"]["blmove"] >= 1 / 8  # and idle waits for more
+    assert report["worker"]["commands_per_job"] >= 1
+    assert report["redis_cpu_us_per_job"] > 0 and report["bytes_per_finished_job"] > 0
+    assert "Redis CPU µs" in render(report)

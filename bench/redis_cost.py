@@ -1,0 +1,184 @@
+"""What one job costs Redis: commands by name, Redis CPU, and bytes, producer and worker apart.
+
+    python -m bench.redis_cost [--jobs 2048] [--per-message 32] [--labels 5] [--json PATH]
+
+A private redis-server, a tiny OpenCLIP model and a real `dualstream worker`. Bulk-shaped jobs:
+zero-shot over small local JPEGs, `--labels` labels, no embedding kept in Redis, packed
+`--per-message` per message under one run id, as `dualstream bulk` sends them.
+
+1. Enqueue, with no worker: `INFO commandstats` before and after gives the producer's commands
+   and Redis CPU (`usec`) per job; `used_memory` before and after gives the bytes a queued job
+   holds (its share of its message included).
+2. A worker runs the queue to the end: the same counters give the worker's commands and Redis
+   CPU per job; `used_memory` then gives what a finished job keeps (its result and claim keys;
+   the queue is empty again). The worker's background traffic (heartbeats, sweeps) while it
+   works is included, as it is part of the cost.
+
+The targets (issue 11, docs/scaling.md): ≤ 5 µs of Redis CPU per bulk job, producer and worker
+together; ≤ 200 bytes per queued and ≤ 256 bytes per finished bulk job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import redis
+from PIL import Image
+
+from bench.models import DEFAULT_CACHE, model_spec
+from bench.procs import clean_env, start_watched, wait_until
+from producer.client import Client
+from schemas.jobs import Job, Task, ZeroShotOptions
+from schemas.keys import RedisKeys
+from schemas.results import Status
+from schemas.settings import Settings
+from worker.local import start_redis_server
+
+LABELS = ["cat", "dog", "car", "tree", "house", "boat", "bird", "flower"]
+
+
+def _jpeg(seed: int) -> bytes:
+    image = Image.new("RGB", (64, 48), ((seed * 37) % 256, (seed * 91) % 256, seed % 256))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def _commandstats(client: redis.Redis) -> dict[str, tuple[int, float]]:
+    """command → (calls, usec), for every command Redis has run since the last reset."""
+    stats: dict[str, Any] = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): (int(v["calls"]), float(v["usec"]))
+            for name, v in stats.items()}
+
+
+def _per_job(before: dict[str, tuple[int, float]], after: dict[str, tuple[int, float]],
+             jobs: int, exclude: set[str], ours: Counter[str] | None = None) -> dict[str, Any]:
+    """Per job, less the commands named in `exclude` and the `ours` calls this bench made
+    itself (their CPU taken at the command's average)."""
+    ours = ours or Counter()
+    calls = {name: after[name][0] - before.get(name, (0, 0.0))[0] for name in after
+             if name not in exclude}
+    usec = {name: after[name][1] - before.get(name, (0, 0.0))[1] for name in after
+            if name not in exclude}
+    for name, own in ours.items():
+        if calls.get(name):
+            usec[name] -= usec[name] * min(1.0, own / calls[name])
+            calls[name] -= own
+    return {
+        "commands_per_job": round(sum(calls.values()) / jobs, 3),
+        "redis_cpu_us_per_job": round(sum(usec.values()) / jobs, 3),
+        "by_command": {name: round(n / jobs, 3) for name, n in
+                       sorted(calls.items(), key=lambda kv: -kv[1]) if n},
+    }
+
+
+def measure(jobs: int, per_message: int, labels: int, workdir: Path) -> dict[str, Any]:
+    images = workdir / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(jobs):
+        path = images / f"{i:06d}.jpg"
+        path.write_bytes(_jpeg(i))
+        paths.append(str(path))
+    model = model_spec("tiny", DEFAULT_CACHE)
+    server = start_redis_server()
+    try:
+        return _measure(server.url, model, paths, per_message, labels, workdir)
+    finally:
+        server.stop()
+
+
+def _measure(url: str, model: str, paths: list[str], per_message: int, labels: int,
+             workdir: Path) -> dict[str, Any]:
+    client = redis.Redis.from_url(url)
+    producer = Client(Settings(redis_url=url, model=model))
+    options = ZeroShotOptions(labels=LABELS[:labels], top_k=labels)
+    jobs = [Job(task=Task.ZERO_SHOT, image=path, model=model, zero_shot=options,
+                return_embedding=False) for path in paths]
+    exclude = {"info", "config|resetstat", "ping"}
+
+    client.config_resetstat()
+    memory_empty = int(client.info("memory")["used_memory"])
+    before = _commandstats(client)
+    ids = producer.submit_many(jobs, per_message=per_message, run_id="run-redis-cost")
+    produced = _per_job(before, _commandstats(client), len(ids), exclude)
+    memory_queued = int(client.info("memory")["used_memory"])
+
+    client.config_resetstat()
+    before = _commandstats(client)
+    worker = start_watched(
+        ["-m", "dualstream.cli", "worker", "--loglevel", "WARNING"],
+        clean_env({"redis_url": url, "model": model, "local_root": str(workdir),
+                   "output_uri": (workdir / "out").as_uri(),
+                   "health_dir": str(workdir / "health"), "max_batch_items": 64}, 2),
+        workdir / "worker.log")
+    polls: Counter[str] = Counter()
+
+    def all_done() -> bool:
+        time.sleep(0.5)  # the bench's own polling stays a small share, and is subtracted
+        polls["hget"] += len(ids)
+        return all(s is Status.DONE for s in producer.results.statuses(ids))
+
+    try:
+        wait_until(all_done, worker, 600, "every job done")
+        worked = _per_job(before, _commandstats(client), len(ids), exclude, polls)
+        time.sleep(0.5)
+        memory_done = int(client.info("memory")["used_memory"])
+    finally:
+        worker.stop()
+    keys = RedisKeys()
+    return {
+        "jobs": len(ids), "per_message": per_message, "labels": labels,
+        "producer": produced, "worker": worked,
+        "redis_cpu_us_per_job": round(produced["redis_cpu_us_per_job"]
+                                      + worked["redis_cpu_us_per_job"], 3),
+        "commands_per_job": round(produced["commands_per_job"]
+                                  + worked["commands_per_job"], 3),
+        "bytes_per_queued_job": round((memory_queued - memory_empty) / len(ids), 1),
+        "bytes_per_finished_job": round((memory_done - memory_empty) / len(ids), 1),
+        "result_key_bytes": client.memory_usage(keys.result(ids[0])),
+    }
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = [f"Redis cost per bulk job ({report['jobs']} jobs, {report['per_message']} per "
+             f"message, {report['labels']} labels)",
+             f"  commands: producer {report['producer']['commands_per_job']}, worker "
+             f"{report['worker']['commands_per_job']}, together {report['commands_per_job']}",
+             f"  Redis CPU µs: producer {report['producer']['redis_cpu_us_per_job']}, worker "
+             f"{report['worker']['redis_cpu_us_per_job']}, together "
+             f"{report['redis_cpu_us_per_job']} (target ≤ 5)",
+             f"  bytes: queued {report['bytes_per_queued_job']} (target ≤ 200), finished "
+             f"{report['bytes_per_finished_job']} (target ≤ 256); one result key "
+             f"{report['result_key_bytes']} (MEMORY USAGE)"]
+    for side in ("producer", "worker"):
+        top = ", ".join(f"{name} {n}" for name, n in
+                        list(report[side]["by_command"].items())[:12])
+        lines.append(f"  {side} by command (per job): {top}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--jobs", type=int, default=2048)
+    parser.add_argument("--per-message", type=int, default=32)
+    parser.add_argument("--labels", type=int, default=5)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="ds-redis-cost-") as workdir:
+        report = measure(args.jobs, args.per_message, args.labels, Path(workdir))
+    report["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    print(render(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
