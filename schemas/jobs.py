@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from enum import StrEnum
-from typing import Annotated, Literal
+from functools import cached_property
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -101,9 +103,12 @@ class Job(_Frozen):
             raise ValueError("`zero_shot` options are required for, and only for, zero_shot jobs")
         return self
 
-    @property
+    @cached_property
     def job_id(self) -> str:
-        """Stable id: a hash of the canonical JSON of everything that defines the result."""
+        """Stable id: a hash of the canonical JSON of everything that defines the result.
+
+        Computed once per job (the worker asks for it several times per job); `model_copy`
+        below forgets it, since a copy with updates is another job."""
         canonical = json.dumps(
             self.model_dump(mode="json", exclude={"return_embedding"}),
             sort_keys=True,
@@ -111,6 +116,12 @@ class Job(_Frozen):
             ensure_ascii=False,
         )
         return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None,
+                   deep: bool = False) -> Job:
+        copy = super().model_copy(update=update, deep=deep)
+        copy.__dict__.pop("job_id", None)
+        return copy
 
     @property
     def source(self) -> str:

@@ -146,3 +146,13 @@ def test_json_schema_export_covers_jobs_and_results() -> None:
     out = subprocess.run([sys.executable, "-m", "dualstream.cli", "schema"], check=True,
                          capture_output=True, text=True).stdout
     assert '"job_result"' in out and '"zero_shot"' in out
+
+
+def test_a_jobs_id_is_computed_once_and_a_changed_copy_gets_its_own() -> None:
+    job = Job(task=Task.TEXT_EMBEDDING, text="a cat", model="m")
+    first = job.job_id
+    assert job.__dict__["job_id"] == first and job.job_id is first
+    changed = job.model_copy(update={"text": "a dog"})
+    assert changed.job_id != first
+    assert changed.job_id == Job(task=Task.TEXT_EMBEDDING, text="a dog", model="m").job_id
+    assert job == Job(task=Task.TEXT_EMBEDDING, text="a cat", model="m"), "equality is by fields"
