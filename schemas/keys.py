@@ -59,9 +59,6 @@ class RedisKeys:
     def dead_letters(self) -> str:
         return f"{self.prefix}:dlq"
 
-    def heartbeat(self, worker: str) -> str:
-        return f"{self.prefix}:heartbeat:{worker}"
-
 
 @dataclass(frozen=True)
 class ShardPaths:
