@@ -43,10 +43,15 @@ return out
 """
 
 _HOLDS = """
-local shard = ARGV[1]
+local shard, now = ARGV[1], ARGV[2]
 local out = {}
 for i = 1, #KEYS do
-  out[i] = redis.call('HGET', KEYS[i], 'shard') == shard and 1 or 0
+  if redis.call('HGET', KEYS[i], 'shard') == shard then
+    redis.call('HSET', KEYS[i], 'at', now)
+    out[i] = 1
+  else
+    out[i] = 0
+  end
 end
 return out
 """
@@ -157,11 +162,13 @@ class ResultStore:
         return [_parse_claim(item, now_ms, lease_ms) for item in raw]
 
     def still_held(self, job_ids: Sequence[str], shard: str) -> list[bool]:
-        """Whether `shard` still holds each claim (checked just before a shard is committed)."""
+        """Whether `shard` still holds each claim, renewing those it holds: checked just before
+        a shard is committed, so that the commit has a whole lease to land in."""
         if not job_ids:
             return []
         keys = [self._keys.claim(job_id) for job_id in job_ids]
-        return [bool(flag) for flag in self._holds_script(keys=keys, args=[shard])]
+        now_ms = int(time.time() * 1000)
+        return [bool(flag) for flag in self._holds_script(keys=keys, args=[shard, now_ms])]
 
 
 _BEGIN = """

@@ -219,3 +219,18 @@ def test_every_shard_has_the_same_column_types_even_when_no_row_has_an_etag(
     [metadata] = [MetadataRow.model_validate(r) for r in table.to_pylist()]
     assert metadata.task is Task.TEXT_EMBEDDING and metadata.text_truncated
     assert metadata.etag is None and metadata.labels == metadata.scores == []
+
+
+def test_the_check_before_a_commit_renews_the_claims_it_finds_held(
+        results: ResultStore) -> None:
+    """The manifest's write then has a whole lease to land in before another writer may take
+    the job over (a write that outlasts a lease could otherwise commit a second row)."""
+    [job_id] = [r.job.job_id for r in rows(1)]
+    results.claim([job_id], "shard-a", lease_s=0.4)
+    time.sleep(0.3)
+    assert results.still_held([job_id], "shard-a") == [True]
+    time.sleep(0.3)  # 0.6 s after the claim, 0.3 s after the renewal
+    [claim] = results.claim([job_id], "shard-b", lease_s=0.4)
+    assert claim.state == "busy" and claim.previous_shard == "shard-a"
+    time.sleep(0.5)
+    assert results.claim([job_id], "shard-b", lease_s=0.4)[0].state == "taken"
