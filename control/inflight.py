@@ -169,68 +169,18 @@ class InflightLedger:
         return int(sum(pipe.execute()))
 
 
-class Heartbeat:
-    """A thread that keeps a consumer's in-flight lists alive, reconciles them with what the
-    consumer holds, and sweeps dead consumers' lists.
-
-    It runs apart from Celery's event loop, so a busy loop cannot make a live consumer look
-    dead; its own failures (Redis away) are logged and retried on the next beat.
-    """
-
-    def __init__(self, ledger: InflightLedger, inflight_keys: Callable[[], Iterable[str]],
-                 *, interval_s: float, name: str,
-                 reconcile: Callable[[], None] = lambda: None) -> None:
-        self._ledger = ledger
-        self._inflight_keys = inflight_keys
-        self._reconcile = reconcile
-        self._interval_s = interval_s
-        self._stop = threading.Event()
-        self._done: Callable[[], bool] = lambda: False
-        self._retire_by = float("inf")
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-
-    def start(self) -> None:
-        self.beat_once()
-        self._thread.start()
-
-    def beat_once(self) -> None:
-        self._ledger.beat(self._inflight_keys())
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def retire(self, done: Callable[[], bool], within_s: float) -> None:
-        """Keep beating until `done()` (what the consumer still holds was settled) or for at
-        most `within_s`; then stop, and let a sweep take what is left."""
-        self._done = done
-        self._retire_by = time.monotonic() + within_s
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            if self._done() or time.monotonic() > self._retire_by:
-                return
-            try:
-                self.beat_once()
-                self._reconcile()
-                moved = self._ledger.sweep()
-            except Exception as exc:  # noqa: BLE001 - a heartbeat that dies makes us look dead
-                log.warning("in-flight heartbeat failed (retried in %.1f s): %s: %s",
-                            self._interval_s, type(exc).__name__, exc)
-                continue
-            if moved:
-                log.warning("put %d messages of dead consumers back on their queues", moved)
-
-
 class Sweeper:
-    """A thread that only sweeps: for processes that hold nothing themselves (a worker while
-    its model loads, a restorer beside the API), so that dead consumers' messages come back
-    even when no consumer runs."""
+    """A thread that sweeps dead consumers' lists every interval: in every consumer (as part of
+    its heartbeat) and on its own in processes that hold nothing themselves (a worker while its
+    model loads, a restorer beside the API), so that their messages come back even when no
+    consumer runs. Failures (Redis away) are logged and retried on the next round."""
 
-    def __init__(self, ledger: InflightLedger, *, interval_s: float) -> None:
+    def __init__(self, ledger: InflightLedger, *, interval_s: float,
+                 name: str = "ds-sweeper") -> None:
         self._ledger = ledger
         self._interval_s = interval_s
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="ds-sweeper", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> Sweeper:
         self._thread.start()
@@ -239,13 +189,59 @@ class Sweeper:
     def stop(self) -> None:
         self._stop.set()
 
+    def _finished(self) -> bool:
+        return False
+
+    def _round(self) -> int:
+        return self._ledger.sweep()
+
     def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
+        while not self._stop.wait(self._interval_s) and not self._finished():
             try:
-                moved = self._ledger.sweep()
-            except Exception as exc:  # noqa: BLE001 - logged; the next round tries again
-                log.warning("sweep failed (retried in %.1f s): %s: %s", self._interval_s,
-                            type(exc).__name__, exc)
+                moved = self._round()
+            except Exception as exc:  # noqa: BLE001 - a thread that dies would stop beating
+                log.warning("%s failed (retried in %.1f s): %s: %s", self._thread.name,
+                            self._interval_s, type(exc).__name__, exc)
                 continue
             if moved:
                 log.warning("put %d messages of dead consumers back on their queues", moved)
+
+
+class Heartbeat(Sweeper):
+    """A consumer's sweeper that also keeps its in-flight lists alive and reconciles them with
+    what the consumer holds.
+
+    It runs apart from Celery's event loop, so a busy loop cannot make a live consumer look
+    dead.
+    """
+
+    def __init__(self, ledger: InflightLedger, inflight_keys: Callable[[], Iterable[str]],
+                 *, interval_s: float, name: str,
+                 reconcile: Callable[[], None] = lambda: None) -> None:
+        super().__init__(ledger, interval_s=interval_s, name=name)
+        self._inflight_keys = inflight_keys
+        self._reconcile = reconcile
+        self._done: Callable[[], bool] = lambda: False
+        self._retire_by = float("inf")
+
+    def start(self) -> Heartbeat:
+        self.beat_once()
+        super().start()
+        return self
+
+    def beat_once(self) -> None:
+        self._ledger.beat(self._inflight_keys())
+
+    def retire(self, done: Callable[[], bool], within_s: float) -> None:
+        """Keep beating until `done()` (what the consumer still holds was settled) or for at
+        most `within_s`; then stop, and let a sweep take what is left."""
+        self._done = done
+        self._retire_by = time.monotonic() + within_s
+
+    def _finished(self) -> bool:
+        return self._done() or time.monotonic() > self._retire_by
+
+    def _round(self) -> int:
+        self.beat_once()
+        self._reconcile()
+        return super()._round()
