@@ -41,13 +41,13 @@ def _cpu_ms(step: Callable[[], object], count: int, passes: int = 3) -> float:
 
 
 def _write_cost(rows: int, repeats: int) -> float:
-    """CPU ms per row for ShardWriter.write + ResultStore.put_many on a private redis-server."""
+    """CPU ms per row for ShardWriter.write + ResultStore.settle on a private redis-server."""
     import numpy as np
     from pydantic import SecretStr
 
     from control.connections import redis_client
     from control.objects import LocalOutputStore
-    from control.results import ResultStore
+    from control.results import ResultStore, Settlement
     from schemas.jobs import Job, Task, ZeroShotOptions
     from schemas.keys import RedisKeys
     from schemas.results import JobResult, LabelScore, Status
@@ -71,12 +71,10 @@ def _write_cost(rows: int, repeats: int) -> float:
                      for i in range(rows)]
             start = time.process_time()
             outcomes = writer.write(batch, "image")
-            results.put_many([JobResult(job_id=row.job.job_id, status=Status.DONE,
-                                        task=row.job.task, model="m", source=row.job.source,
-                                        labels=labels, embedding_dim=512,
-                                        output=outcome.location)
-                              for row, outcome in zip(batch, outcomes, strict=True)],
-                             clear_claims=True)
+            results.settle([Settlement(JobResult(
+                job_id=row.job.job_id, status=Status.DONE, task=row.job.task, model="m",
+                source=row.job.source, labels=labels, embedding_dim=512,
+                output=outcome.location)) for row, outcome in zip(batch, outcomes, strict=True)])
             best = min(best, time.process_time() - start)
     return 1000 * best / rows
 

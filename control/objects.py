@@ -137,10 +137,12 @@ class S3OutputStore:
         return f"s3://{self._bucket}/{self._key(key)}"
 
 
-def iter_s3_keys(s3: Any, bucket: str, prefix: str) -> Iterator[str]:
-    """Every key under a prefix, following pagination."""
+def iter_s3_keys(s3: Any, bucket: str, prefix: str, after: str | None = None) -> Iterator[str]:
+    """Every key under a prefix (only those after `after`, in S3's order), following
+    pagination."""
     paginator = s3.get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+    extra = {"StartAfter": after} if after else {}
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix, **extra):
         for item in page.get("Contents", []):
             yield item["Key"]
 

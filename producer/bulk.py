@@ -1,7 +1,8 @@
 """Bulk submission: every object under an S3 prefix (or every file under a local folder).
 
-Listing is paginated and lazy; jobs go out several per message; a re-run of the same listing
-skips the items that are already done, so an interrupted bulk run resumes where it stopped.
+Listing is paginated and lazy, in a stable order (S3's key order; sorted paths locally), so a
+run's cursor (the last source it published) tells an interrupted run where to go on; jobs go
+out several per message.
 """
 
 from __future__ import annotations
@@ -33,22 +34,27 @@ class BulkRequest:
         return "run-" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def list_sources(source: str, suffixes: Sequence[str], s3: object | None = None) -> Iterator[str]:
+def list_sources(source: str, suffixes: Sequence[str], s3: object | None = None,
+                 after: str | None = None) -> Iterator[str]:
+    """Every source under `source` with one of the suffixes, in listing order; with `after`
+    (a source this listing yielded before), only those that follow it."""
     wanted = tuple(s.lower() for s in suffixes)
     if source.startswith("s3://"):
         loc = S3Location.parse(source)
         if s3 is None:
             raise ValueError("an S3 client is needed to list s3:// sources")
-        for key in iter_s3_keys(s3, loc.bucket, loc.key):
+        start = S3Location.parse(after).key if after else None
+        for key in iter_s3_keys(s3, loc.bucket, loc.key, after=start):
             if key.lower().endswith(wanted):
                 yield f"s3://{loc.bucket}/{key}"
         return
     root = local_path(source)
     if not root.is_dir():
         raise ValueError(f"{source} is neither s3://bucket/prefix nor a directory")
-    for path in sorted(Path(root).resolve().rglob("*")):
-        if path.is_file() and path.suffix.lower() in wanted:
-            yield str(path)
+    for name in sorted(str(path) for path in Path(root).resolve().rglob("*")):
+        path = Path(name)
+        if (after is None or name > after) and path.is_file() and path.suffix.lower() in wanted:
+            yield name
 
 
 def jobs_for(request: BulkRequest, sources: Iterator[str]) -> Iterator[Job]:

@@ -15,7 +15,8 @@ from producer.bulk import IMAGE_SUFFIXES, BulkRequest, jobs_for, list_sources
 from producer.client import Client
 from schemas.jobs import Job, JobMessage, Task, ZeroShotOptions
 from schemas.keys import RedisKeys
-from schemas.results import JobResult, Status
+from schemas.records import embedding_b64
+from schemas.results import JobResult, RunProgress
 from schemas.settings import Settings
 
 
@@ -85,7 +86,11 @@ def submit(model: str | None, image: str | None, text: str | None, labels: str |
 def bulk(source: str, model: str | None, labels: str | None, templates: str, top_k: int,
          threshold: float | None, multi_label: bool, suffixes: tuple[str, ...],
          per_message: int, wait: bool) -> None:
-    """Submit every image under s3://bucket/prefix or a local folder; resumable."""
+    """Submit every image under s3://bucket/prefix or a local folder.
+
+    The same command is the same run: run again after an interruption, it goes on from where
+    its listing stopped; run again once every job is settled, it lists again and sends what
+    is not done (new objects, and failed jobs to retry)."""
     client = _client(model)
     request = BulkRequest(source=source, model=client._model(model),
                           zero_shot=_zero_shot(labels, templates, top_k, threshold, multi_label),
@@ -95,62 +100,87 @@ def bulk(source: str, model: str | None, labels: str | None, templates: str, top
         from control.connections import s3_client
 
         s3 = s3_client(client.settings)
-    jobs = tqdm(jobs_for(request, list_sources(source, request.suffixes, s3)),
-                desc="submitting", unit="job", file=sys.stderr)
-    ids = client.submit_many(jobs, per_message=per_message, run_id=request.run_id)
-    click.echo(f"run {request.run_id}: {len(ids)} jobs")
+    run = request.run_id
+    progress = client.run_progress(run)
+    if progress.listed and not progress.finished:
+        click.echo(f"run {run}: every job is already queued; {progress.queued - progress.settled}"
+                   f" of {progress.queued} still to settle")
+    else:
+        resume_after = None
+        if progress.exists and not progress.listed:
+            resume_after = progress.cursor
+            click.echo(f"run {run}: resuming after {resume_after or 'the start'}", err=True)
+        else:
+            client.runs.new_pass(run)
+        sources = list_sources(source, request.suffixes, s3, after=resume_after)
+        jobs = tqdm(jobs_for(request, sources), desc="submitting", unit="job", file=sys.stderr)
+        ids = client.submit_many(jobs, per_message=per_message, run_id=run)
+        client.runs.listed(run)
+        progress = client.run_progress(run)
+        click.echo(f"run {run}: {len(ids)} jobs listed, {progress.queued} queued in this pass")
     if wait:
-        _wait_with_progress(client, ids)
+        _wait_with_progress(client, run)
 
 
-def _wait_with_progress(client: Client, ids: list[str]) -> None:
-    import time
+def _wait_with_progress(client: Client, run_id: str) -> None:
+    with tqdm(desc="processing", unit="job", file=sys.stderr) as bar:
+        def show(progress: RunProgress) -> None:
+            bar.total = progress.queued
+            bar.update(progress.settled - bar.n)
 
-    with tqdm(total=len(ids), desc="processing", unit="job", file=sys.stderr) as bar:
-        while True:
-            finished = sum(1 for s in client.results.statuses(ids)
-                           if s in (Status.DONE, Status.FAILED))
-            bar.update(finished - bar.n)
-            if finished >= len(ids):
-                return
-            time.sleep(0.25)
+        progress = client.wait_run(run_id, on_progress=show)
+    click.echo(json.dumps(_run_summary(progress)))
 
 
-def _job_ids(client: Client, ref: str) -> list[str]:
-    return client.run_job_ids(ref) if ref.startswith("run-") else [ref]
+def _run_summary(progress: RunProgress) -> dict[str, Any]:
+    return {"run": progress.run_id, "queued": progress.queued, "done": progress.done,
+            "failed": progress.failed, "failed_by_code": progress.failed_by_code,
+            "listed": progress.listed, "finished": progress.finished}
 
 
 @click.command()
 @click.argument("ref")
 def status(ref: str) -> None:
-    """Status of a job id, or counts per status for a run id."""
+    """Status of a job id, or a run's counters for a run id."""
     client = _client()
-    ids = _job_ids(client, ref)
-    statuses = client.results.statuses(ids)
-    if len(ids) == 1 and not ref.startswith("run-"):
-        click.echo(statuses[0].value if statuses[0] else "unknown")
+    if ref.startswith("run-"):
+        progress = client.run_progress(ref)
+        if not progress.exists:
+            raise click.ClickException(f"no run {ref}")
+        click.echo(json.dumps(_run_summary(progress)))
         return
-    counts: dict[str, int] = {}
-    for item in statuses:
-        counts[item.value if item else "unknown"] = counts.get(item.value if item else "unknown",
-                                                               0) + 1
-    click.echo(json.dumps({"run": ref, "jobs": len(ids), **counts}))
+    found = client.status(ref)
+    click.echo(found.value if found else "unknown")
 
 
 @click.command()
 @click.argument("ref")
-@click.option("--embeddings/--no-embeddings", default=False)
+@click.option("--embeddings/--no-embeddings", default=False,
+              help="include embeddings, base64 of little-endian float32 (`embedding_b64`)")
 def results(ref: str, embeddings: bool) -> None:
-    """Results of a job or a run, as JSON lines."""
+    """A job's result as JSON; for a run, its counters, then one line per failed job (its
+    rows are in the output store's shards)."""
     client = _client()
-    for result in client.results.get_many(_job_ids(client, ref)):
-        if result is not None:
-            click.echo(_result_line(result, embeddings))
+    if ref.startswith("run-"):
+        progress = client.run_progress(ref)
+        if not progress.exists:
+            raise click.ClickException(f"no run {ref}")
+        click.echo(json.dumps(_run_summary(progress)))
+        for job_id, code, source in client.runs.failures(ref):
+            click.echo(json.dumps({"job_id": job_id, "status": "failed", "code": code,
+                                   "source": source}))
+        return
+    result = client.results.get(ref)
+    if result is None:
+        raise click.ClickException(f"no result for {ref}")
+    click.echo(_result_line(result, embeddings))
 
 
 def _result_line(result: JobResult, embeddings: bool) -> str:
-    exclude = None if embeddings else {"embedding"}
-    return result.model_dump_json(exclude=exclude)
+    line = result.model_dump(mode="json", exclude={"embedding"})
+    if embeddings and result.embedding is not None:
+        line["embedding_b64"] = embedding_b64(result.embedding)
+    return json.dumps(line)
 
 
 @click.group()
@@ -238,7 +268,7 @@ def dlq_replay(letter_ids: tuple[str, ...], replay_all: bool) -> None:
     client = _client()
     for letter, message in ready:
         ids = client.submit_many(message.jobs, per_message=len(message.jobs),
-                                 run_id=message.run_id)
+                                 run_id=message.run_id, count_in_run=False)
         store.remove(letter.id)
         click.echo(f"replayed {letter.id}: {len(ids)} jobs")
 

@@ -8,17 +8,17 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 
 from celery import Celery
 
 from control.broker import producer_app
 from control.connections import redis_client
-from control.results import ResultStore
-from schemas.jobs import MAX_JOBS_PER_MESSAGE, Job, JobMessage, Task, ZeroShotOptions
+from control.results import ResultStore, RunStore
+from schemas.jobs import MAX_JOBS_PER_MESSAGE, Job, Task, ZeroShotOptions, pack_message
 from schemas.keys import TASK_NAME, RedisKeys, queue_name
-from schemas.results import JobResult, Status
+from schemas.results import JobResult, RunProgress, Status
 from schemas.settings import Settings
 
 
@@ -29,6 +29,7 @@ def _chunks(items: Iterable[Job], size: int) -> Iterator[list[Job]]:
 
 
 PRODUCER_REDIS_RETRIES = 40
+RUN_POLL_S = 0.25
 
 
 class ResultTimeout(TimeoutError):
@@ -43,6 +44,7 @@ class Client:
         self.redis = redis_client(settings, retries=PRODUCER_REDIS_RETRIES)
         self.keys = RedisKeys(settings.key_prefix)
         self.results = ResultStore(self.redis, self.keys, settings.result_ttl_s)
+        self.runs = RunStore(self.redis, self.keys, settings.result_ttl_s)
 
     # Building jobs -------------------------------------------------------------------------
     def _model(self, model: str | None) -> str:
@@ -72,35 +74,43 @@ class Client:
         return self.submit_many([job])[0]
 
     def submit_many(self, jobs: Iterable[Job], *, per_message: int = 32,
-                    run_id: str | None = None, skip_done: bool = True) -> list[str]:
-        """Enqueue jobs, several per message; jobs already done (same id) are not re-sent."""
+                    run_id: str | None = None, skip_done: bool = True,
+                    count_in_run: bool = True) -> list[str]:
+        """Enqueue jobs, several per message; returns every job's id.
+
+        Without a run, each job gets a `queued` record, and one already queued, being
+        written or done (same id) is not sent again, unless `skip_done=False`. Under a run,
+        jobs get no record until they settle: those done or in progress are skipped, and the
+        run counts what was sent (`run_progress`), unless
+        `count_in_run` is False (jobs it counted before, replayed from the dead-letter store)."""
         per_message = max(1, min(per_message, MAX_JOBS_PER_MESSAGE))
         ids: list[str] = []
         with self.app.producer_or_acquire() as producer:
             for chunk in _chunks(jobs, per_message):
-                ids += self._send_chunk(chunk, producer, run_id, skip_done)
+                ids += self._send_chunk(chunk, producer, run_id if count_in_run else None,
+                                        skip_done, message_run=run_id)
         return ids
 
     def _send_chunk(self, chunk: list[Job], producer: object, run_id: str | None,
-                    skip_done: bool) -> list[str]:
+                    skip_done: bool, message_run: str | None) -> list[str]:
         ids = [job.job_id for job in chunk]
-        if run_id:
-            self.redis.sadd(self.keys.run_jobs(run_id), *ids)
-        queued = [JobResult(job_id=job.job_id, status=Status.QUEUED, task=job.task,
-                            model=job.model, source=job.source) for job in chunk]
-        for result in queued:
-            result.timings.enqueued_at = time.time()
-        self.results.mark_queued(queued)
-        statuses = self.results.statuses(ids) if skip_done else [None] * len(ids)
-        todo = [job for job, status in zip(chunk, statuses, strict=True)
-                if status is not Status.DONE]
+        if message_run is None:
+            todo = [job for job, fresh in zip(chunk, self.results.enqueue(
+                ids, resend=not skip_done), strict=True) if fresh]
+        else:
+            statuses = self.results.statuses(ids) if skip_done else [None] * len(ids)
+            todo = [job for job, status in zip(chunk, statuses, strict=True)
+                    if status in (None, Status.FAILED)]
         by_model: dict[str, list[Job]] = {}
         for job in todo:
             by_model.setdefault(job.model, []).append(job)
         for model, model_jobs in by_model.items():
-            message = JobMessage(jobs=model_jobs, run_id=run_id)
-            self.app.send_task(TASK_NAME, args=[message.model_dump(mode="json")],
+            self.app.send_task(TASK_NAME, args=[pack_message(model_jobs, message_run)],
                                queue=queue_name(model), producer=producer)
+        if run_id is not None:
+            # After publishing: a producer killed in between sends these again when the run
+            # resumes, and counts them then; the second copies settle nothing new.
+            self.runs.queued(run_id, len(todo), cursor=chunk[-1].source)
         return ids
 
     # Results -------------------------------------------------------------------------------
@@ -124,6 +134,21 @@ class Client:
             time.sleep(delay)
             delay = min(delay * 1.5, 0.5)
 
-    def run_job_ids(self, run_id: str) -> list[str]:
-        members = self.redis.smembers(self.keys.run_jobs(run_id))
-        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+    def run_progress(self, run_id: str) -> RunProgress:
+        return self.runs.progress(run_id)
+
+    def wait_run(self, run_id: str, timeout: float | None = None,
+                 on_progress: Callable[[RunProgress], None] | None = None) -> RunProgress:
+        """Wait until every job the run published is settled; one read of its counters per
+        poll, however many jobs it has."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            progress = self.runs.progress(run_id)
+            if on_progress is not None:
+                on_progress(progress)
+            if progress.finished:
+                return progress
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ResultTimeout(f"run {run_id}: {progress.queued - progress.settled} of "
+                                    f"{progress.queued} jobs unfinished")
+            time.sleep(RUN_POLL_S)

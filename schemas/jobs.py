@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from functools import cached_property
 from typing import Annotated, Any, Literal
@@ -22,6 +22,8 @@ SCHEMA_VERSION: Literal[1] = 1
 DEFAULT_TEMPLATE = "This is a photo of {}."
 MAX_TEXT_CHARS = 20_000
 MAX_LABELS = 1_000
+MAX_LABEL_CHARS = 1_000
+MAX_RUN_ID = 128
 MAX_JOBS_PER_MESSAGE = 256
 
 TemplateSetName = Literal["default", "openai_imagenet", "simple_imagenet"]
@@ -62,6 +64,8 @@ class ZeroShotOptions(_Frozen):
             raise invalid_job_error(ErrorCode.EMPTY_LABELS, "labels must not be blank")
         if len(set(labels)) != len(labels):
             raise ValueError("labels must be unique")
+        if any(len(label) > MAX_LABEL_CHARS for label in labels):
+            raise ValueError(f"a label is at most {MAX_LABEL_CHARS} characters")
         return labels
 
     @field_validator("templates")
@@ -86,6 +90,8 @@ class Job(_Frozen):
     text: Annotated[str, Field(max_length=MAX_TEXT_CHARS)] | None = None
     zero_shot: ZeroShotOptions | None = None
     return_embedding: bool = True
+    # How an asked-for embedding is kept in Redis (the row in object storage is float32).
+    embedding_dtype: Literal["float32", "float16"] = "float32"
     etag: str | None = None
     idempotency_key: Annotated[str, Field(max_length=256)] | None = None
 
@@ -110,7 +116,7 @@ class Job(_Frozen):
         Computed once per job (the worker asks for it several times per job); `model_copy`
         below forgets it, since a copy with updates is another job."""
         canonical = json.dumps(
-            self.model_dump(mode="json", exclude={"return_embedding"}),
+            self.model_dump(mode="json", exclude={"return_embedding", "embedding_dtype"}),
             sort_keys=True,
             separators=(",", ":"),
             ensure_ascii=False,
@@ -133,12 +139,25 @@ class JobMessage(_Frozen):
     """What travels on the queue: one or more jobs for the same model.
 
     Bulk producers pack several jobs into one message; the worker batches across messages
-    either way.
+    either way. On the wire, fields every job shares may travel once, in `shared`: each job is
+    `{**shared, **job}`, so a queued bulk job costs little more than its source.
     """
 
     schema_version: Literal[1] = SCHEMA_VERSION
     jobs: Annotated[list[Job], Field(min_length=1, max_length=MAX_JOBS_PER_MESSAGE)]
-    run_id: Annotated[str, Field(max_length=128)] | None = None
+    run_id: Annotated[str, Field(min_length=1, max_length=MAX_RUN_ID)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unshare(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("shared"), dict):
+            shared = data["shared"]
+            jobs = data.get("jobs")
+            data = {k: v for k, v in data.items() if k != "shared"}
+            if isinstance(jobs, list):
+                data["jobs"] = [{**shared, **job} if isinstance(job, dict) else job
+                                for job in jobs]
+        return data
 
     @model_validator(mode="after")
     def _one_model(self) -> JobMessage:
@@ -146,3 +165,19 @@ class JobMessage(_Frozen):
         if len(models) != 1:
             raise ValueError(f"a message carries jobs for one model, got {sorted(models)}")
         return self
+
+
+def pack_message(jobs: Sequence[Job], run_id: str | None = None) -> dict[str, Any]:
+    """A `JobMessage` as it goes on the queue: fields every job shares travel once."""
+    dumped = [job.model_dump(mode="json", exclude_defaults=True) for job in jobs]
+    shared = dict(dumped[0]) if len(dumped) > 1 else {}
+    for fields in dumped[1:]:
+        shared = {k: v for k, v in shared.items() if k in fields and fields[k] == v}
+    message: dict[str, Any] = {"schema_version": SCHEMA_VERSION,
+                               "jobs": [{k: v for k, v in fields.items() if k not in shared}
+                                        for fields in dumped]}
+    if shared:
+        message["shared"] = shared
+    if run_id:
+        message["run_id"] = run_id
+    return message

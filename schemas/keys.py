@@ -27,15 +27,25 @@ def queue_name(model: str) -> str:
 class RedisKeys:
     prefix: str = "ds"
 
-    def result(self, job_id: str) -> str:
-        return f"{self.prefix}:result:{job_id}"
+    def record(self, job_id: str) -> str:
+        """A job's one record (schemas/records.py): queued, being written, or settled."""
+        return f"{self.prefix}:r:{job_id}"
 
-    def claim(self, job_id: str) -> str:
-        return f"{self.prefix}:claim:{job_id}"
+    def shard(self, shard_id: str) -> str:
+        """Where a committed shard's vectors live (its URI): records name the shard by id."""
+        return f"{self.prefix}:shard:{shard_id}"
 
-    def run_jobs(self, run_id: str) -> str:
-        """Set of job ids submitted under one bulk run."""
-        return f"{self.prefix}:run:{run_id}:jobs"
+    def run(self, run_id: str) -> str:
+        """Hash: a run's counters (queued, done, failed, failed:<code>), listing cursor, pass."""
+        return f"{self.prefix}:run:{run_id}"
+
+    def run_failures(self, run_id: str) -> str:
+        """List: one line per failed job of a run, `job id <TAB> code <TAB> source`."""
+        return f"{self.prefix}:run:{run_id}:failed"
+
+    def run_repeats(self, run_id: str) -> str:
+        """Set: jobs of a run that another run had already settled (counted once here)."""
+        return f"{self.prefix}:run:{run_id}:repeats"
 
     def inflight(self, consumer: str, queue: str) -> str:
         """The messages of `queue` that one consumer holds (control/inflight.py); the queue

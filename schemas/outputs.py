@@ -32,6 +32,7 @@ class ShardManifest(_Frozen):
     metadata: str  # the `.parquet` file's name, in the manifest's directory
     jobs: tuple[str, ...]
     created_at: float  # Unix seconds
+    writer: str | None = None  # the worker that wrote it
 
     @model_validator(mode="after")
     def _one_job_per_row(self) -> ShardManifest:

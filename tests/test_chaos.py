@@ -233,6 +233,8 @@ def test_chaos_kills_503s_and_a_redis_restart_lose_and_duplicate_nothing(
     report = {
         "submitted": len(ids), "done": len(done),
         "failed": sum(r.status is Status.FAILED for r in results),
+        "failures": Counter(f"{r.error.code}: {r.error.message[:160]}" for r in results
+                            if r.status is Status.FAILED and r.error is not None),
         "lost": sum(s not in (Status.DONE, Status.FAILED) for s in statuses),
         "duplicate_rows": sum(n - 1 for n in counts.values()),
         "unknown_rows": len(set(counts) - set(ids)), "orphaned_files": orphaned,

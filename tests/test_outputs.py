@@ -19,7 +19,7 @@ import redis
 from pydantic import ValidationError
 
 from control.objects import LocalOutputStore, S3OutputStore
-from control.results import ResultStore
+from control.results import ResultStore, Settlement
 from schemas.jobs import Job, Task
 from schemas.keys import RedisKeys, ShardPaths
 from schemas.outputs import MetadataRow, ShardManifest
@@ -65,13 +65,13 @@ def committed_rows(store: S3OutputStore | LocalOutputStore) -> list[str]:
 
 
 def finish(results: ResultStore, writer_rows: list[OutputRow], outcomes: list[Any]) -> None:
-    """What the pipeline does after a write: record results done, clear claims."""
+    """What the pipeline does after a write: settle the jobs (which replaces their claims)."""
     from schemas.results import JobResult, Status
 
-    results.put_many([JobResult(job_id=r.job.job_id, status=Status.DONE, task=r.job.task,
-                                model=MODEL, source=r.job.source, output=o.location)
-                      for r, o in zip(writer_rows, outcomes, strict=True) if o.location],
-                     clear_claims=True)
+    results.settle([Settlement(JobResult(job_id=r.job.job_id, status=Status.DONE,
+                                         task=r.job.task, model=MODEL, source=r.job.source,
+                                         output=o.location))
+                    for r, o in zip(writer_rows, outcomes, strict=True) if o.location])
 
 
 def test_a_shard_holds_aligned_embeddings_metadata_and_a_manifest(store: S3OutputStore,
@@ -169,12 +169,14 @@ def test_the_same_job_twice_in_one_batch_gets_one_row(store: S3OutputStore,
 
 MANIFEST = {"shard": "s1", "model": MODEL, "modality": "image", "rows": 2, "dim": 8,
             "embeddings": "s1.npy", "metadata": "s1.parquet", "jobs": ["a", "b"],
-            "created_at": 1700000000.5}
+            "created_at": 1700000000.5, "writer": "vm-1234"}
 
 
 def test_a_manifest_round_trips_through_its_model_as_the_same_json() -> None:
-    manifest = ShardManifest.model_validate_json(json.dumps(MANIFEST))  # as written before
+    manifest = ShardManifest.model_validate_json(json.dumps(MANIFEST))
     assert json.loads(manifest.model_dump_json()) == MANIFEST
+    older = {k: v for k, v in MANIFEST.items() if k != "writer"}  # before manifests named it
+    assert ShardManifest.model_validate_json(json.dumps(older)).writer is None
     assert ShardManifest.model_validate_json(manifest.model_dump_json()) == manifest
     assert (manifest.row_of("b"), manifest.row_of("c")) == (1, None)
 

@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 import redis
 
+from control.objects import LocalOutputStore
 from producer.client import Client
-from schemas.jobs import Job, Task
-from schemas.keys import ShardPaths, queue_name
+from schemas.jobs import Job, Task, pack_message
+from schemas.keys import TASK_NAME, ShardPaths, queue_name
 from schemas.results import Status
 from schemas.settings import Settings
 from tests.fixtures.faults import (
@@ -27,10 +28,12 @@ from tests.fixtures.faults import (
     launch_worker,
     wait_for,
     wait_until_ready,
+    worker_launcher,
 )
 from tests.test_worker_e2e import upload_images
 
 pytestmark = pytest.mark.timeout(300)
+_ = worker_launcher  # a fixture
 
 COPIES = 3
 
@@ -82,3 +85,42 @@ def test_copies_of_each_job_on_two_workers_at_once_then_again_leave_one_row_and_
         key = result.output.shard.removeprefix(f"s3://{bucket}/").removesuffix(".npy")
         manifest = json.loads(s3.get_object(Bucket=bucket, Key=f"{key}.json")["Body"].read())
         assert manifest["jobs"][result.output.row] == result.job_id, "the result's row is it"
+
+
+def test_a_runs_counters_count_each_job_once_when_its_messages_arrive_twice(
+        worker_launcher: Any, redis_url: str, tiny_model_dirs: dict[str, str],
+        tmp_path: Path) -> None:
+    """Every message of a run published twice (a redelivery, or a producer that re-sent
+    after a lost reply): the run still counts each job once, and each has one row."""
+    model = tiny_model_dirs["openclip"]
+    output = tmp_path / "out"
+    client = Client(Settings(redis_url=redis_url, model=model))
+    jobs = [Job(task=Task.TEXT_EMBEDDING, text=f"twice {i}", model=model,
+                return_embedding=False) for i in range(16)]
+    ids = client.submit_many(jobs, per_message=4, run_id="run-twice")
+    with client.app.producer_or_acquire() as producer:
+        for start in range(0, len(jobs), 4):
+            client.app.send_task(TASK_NAME, args=[pack_message(jobs[start:start + 4],
+                                                               "run-twice")],
+                                 queue=queue_name(model), producer=producer)
+    broker = redis.Redis.from_url(redis_url)
+    assert broker.llen(queue_name(model)) == 8
+    worker_launcher({"redis_url": redis_url, "model": model, "output_uri": output.as_uri(),
+                     "health_dir": str(tmp_path / "h"), "max_inflight_messages": 4,
+                     "max_batch_items": 8})
+    client.runs.listed("run-twice")
+    client.wait_run("run-twice", timeout=120)
+    wait_for(lambda: broker.llen(queue_name(model)) == 0 and held_messages(broker) == [], 60,
+             "both copies of every message consumed")
+    progress = client.run_progress("run-twice")
+    assert (progress.queued, progress.done, progress.failed) == (16, 16, 0), progress
+    rows = local_rows(output, model)
+    assert Counter(rows) == Counter(ids), "one committed row per job"
+
+
+def local_rows(output: Path, model: str) -> list[str]:
+    """Job ids of every row in the committed text shards under a local output root."""
+    store = LocalOutputStore(output.as_uri())
+    return [job for key in store.list(ShardPaths(model, "text").directory)
+            if key.endswith(".json")
+            for job in json.loads(store.get(key) or b"{}")["jobs"]]

@@ -4,7 +4,8 @@ The points (tests/fixtures/faults.py `KILL_POINTS`): right after the fetch (the 
 record of the message as held are one command, `BLMOVE`, so there is no instant between them),
 mid-batch (before the forward pass), during the write (data written, manifest not yet), right
 after the commit (manifest written, results not yet), and on either side of the ack. A second
-worker then finishes every job exactly once, and nothing is left waiting, held or counted.
+worker then finishes every job exactly once, nothing is left waiting, held or counted, and the
+run's counters say exactly how many jobs were done.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def test_a_worker_killed_at_any_point_of_a_message_leaves_every_job_done_once(
                 "max_batch_items": PER_MESSAGE}
     client = Client(Settings(redis_url=redis_url, model=model))
     ids = client.submit_many([Job(task=Task.TEXT_EMBEDDING, text=f"sentence {i}", model=model)
-                              for i in range(JOBS)], per_message=PER_MESSAGE)
+                              for i in range(JOBS)], per_message=PER_MESSAGE, run_id="run-kill")
     broker = redis.Redis.from_url(redis_url)
 
     doomed = worker_launcher(settings, faults={KILL_AT_ENV: point}, wait_ready=False)
@@ -81,3 +82,5 @@ def test_a_worker_killed_at_any_point_of_a_message_leaves_every_job_done_once(
     wait_for(lambda: broker.llen(queue_name(model)) == 0 and held_messages(broker) == [], 30,
              "nothing waiting or held")
     assert not broker.keys("ds:deliveries:*"), "the lost deliveries were closed once finished"
+    progress = client.run_progress("run-kill")
+    assert (progress.queued, progress.done, progress.failed) == (JOBS, JOBS, 0), progress

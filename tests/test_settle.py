@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import redis
 
-from control.results import ResultStore
+from control.results import ResultStore, Settlement
 from schemas.errors import ErrorCode, ImageError, JobBusy, TransientError
 from schemas.jobs import Job, Task
 from schemas.keys import RedisKeys
 from schemas.results import LabelScore, OutputLocation, Status
+from tests.fixtures.records import as_stored
 from worker.items import Item
 from worker.local import free_port
 from worker.outputs import OutputRow
@@ -74,8 +75,8 @@ def test_done_jobs_are_recorded_their_claims_released_and_futures_resolved(
     Settler(results).done(finished)
     for i, result in finished:
         assert i.future.result(0) == result
-        assert results.get(i.job.job_id) == result
-        assert not client.exists(RedisKeys().claim(i.job.job_id))
+        assert results.get(i.job.job_id) == as_stored(result)
+        assert client.get(RedisKeys().record(i.job.job_id)).startswith(b"d")  # claim gone
 
 
 def test_done_resolves_nothing_when_the_results_cannot_be_recorded(
@@ -93,7 +94,7 @@ def test_a_permanent_failure_is_a_failed_result_in_the_store(results: ResultStor
     assert result.status is Status.FAILED and result.attempts == 2
     assert result.error is not None and result.error.code is ErrorCode.CORRUPT_IMAGE
     assert result.error.message == "not an image"
-    assert results.get(bad.job.job_id) == result
+    assert results.get(bad.job.job_id) == as_stored(result)
 
 
 def test_an_unexpected_exception_fails_the_job_as_internal_and_is_logged(
@@ -158,9 +159,9 @@ def test_a_busy_job_is_retried_with_its_busy_error(results: ResultStore) -> None
 def test_an_already_done_job_resolves_from_the_stored_result(results: ResultStore) -> None:
     earlier, again = item(), item()
     stored = done_result(earlier, row(earlier), OutputLocation(shard="old", row=0))
-    results.put_many([stored])
+    results.settle([Settlement(stored)])
     Settler(results).already_done(again)
-    assert again.future.result(0) == stored
+    assert again.future.result(0) == as_stored(stored)
 
 
 def test_an_already_done_job_whose_result_vanished_is_retried(results: ResultStore) -> None:

@@ -85,14 +85,14 @@ def run_demo(workdir: Path, model: str | None, labels: list[str], images: Path |
                               zero_shot=ZeroShotOptions(labels=labels, top_k=3))
         with worker_process(env):
             start = time.monotonic()
-            ids = client.submit_many(jobs_for(request, list_sources(str(folder), request.suffixes)),
-                                     run_id=request.run_id)
+            jobs = list(jobs_for(request, list_sources(str(folder), request.suffixes)))
+            ids = client.submit_many(jobs, run_id=request.run_id)
             results = client.wait(ids, timeout=300)
             elapsed = time.monotonic() - start
-        for result in results:
+        for job, result in zip(jobs, results, strict=True):
             top = ", ".join(f"{s.label} {s.score:.3f}" for s in result.labels or [])
             outcome = top if result.error is None else f"FAILED {result.error.code}"
-            click.echo(f"{Path(result.source).name:<20} {outcome}")
+            click.echo(f"{Path(job.source).name:<20} {outcome}")
         click.echo(f"{len(results)} images in {elapsed:.1f} s; embeddings and metadata in "
                    f"{workdir / 'out'}")
 

@@ -20,6 +20,7 @@ class Item:
     future: Future[JobResult]
     attempts: int
     enqueued_at: float
+    run_id: str | None = None  # the run whose counters this job moves when it settles
     etag: str | None = None
     pixels: torch.Tensor | None = None
     jpeg: CheckedJpeg | None = None  # image_decoder="torch": decoded on the model thread

@@ -26,10 +26,10 @@ import redis
 from pydantic import ValidationError
 
 from control.deadletters import DeadLetterStore, Delivery
-from control.results import ResultStore
+from control.results import ResultStore, Settlement
 from schemas.errors import ErrorCode, JobBusy, TransientError
-from schemas.jobs import Job, JobMessage
-from schemas.results import ErrorInfo, JobResult, Status
+from schemas.jobs import MAX_RUN_ID, Job, JobMessage
+from schemas.results import ErrorInfo, JobResult, Status, Timings
 from schemas.settings import Settings
 from worker.pipeline import Pipeline
 from worker.suspect_gate import SuspectGate
@@ -59,6 +59,12 @@ class Outcome:
     dead_lettered: bool = False
     requeue: str | None = None  # why the message goes back on the queue as it is
     resend: tuple[dict[str, Any], ...] = ()  # publish these, then ack (a split poison message)
+
+
+def run_of(payload: Any) -> str | None:
+    """The run a message's jobs count towards (a `JobMessage`'s `run_id`), if any."""
+    run_id = payload.get("run_id") if isinstance(payload, dict) else None
+    return run_id if isinstance(run_id, str) and 0 < len(run_id) <= MAX_RUN_ID else None
 
 
 class MessagePolicy:
@@ -93,18 +99,21 @@ class MessagePolicy:
                                        "here, and that took too long")
             if self._draining.is_set():
                 return Outcome(requeue="the worker is draining")
-            outcome = self._handle_alone_or_not(payload, message_id, attempt, queue,
-                                                received + vt * HOLD_FRACTION)
+            outcome = self._handle_alone_or_not(
+                payload, message_id, attempt, queue, received + vt * HOLD_FRACTION,
+                redelivered=previous is not None or attempt > 1)
         if previous is not None and outcome.requeue is None:
             self._dead_letters.end_delivery(message_id)
         return outcome
 
     def _handle_alone_or_not(self, payload: Any, message_id: str, attempt: int,
-                             queue: str | None, deadline: float) -> Outcome:
+                             queue: str | None, deadline: float, *,
+                             redelivered: bool) -> Outcome:
         jobs: list[Job] = []
         try:
             jobs = self._valid_jobs(payload, message_id, queue)
-            outcome = self._run(jobs, attempt, deadline) if jobs else Outcome()
+            outcome = (self._run(jobs, attempt, deadline, run_of(payload),
+                                 recheck=redelivered) if jobs else Outcome())
         except TransientError as exc:  # the pipeline refused the work: not this message's fault
             outcome = Outcome(retry=exc)
         except redis.RedisError:
@@ -125,8 +134,10 @@ class MessagePolicy:
         except Exception:  # Redis may be the reason we are here
             log.warning("could not record the error of message %s", message_id, exc_info=True)
 
-    def _run(self, jobs: list[Job], attempt: int, deadline: float) -> Outcome:
-        pending = set(self._pipeline.submit(jobs, attempts=attempt))
+    def _run(self, jobs: list[Job], attempt: int, deadline: float, run_id: str | None, *,
+             recheck: bool) -> Outcome:
+        pending = set(self._pipeline.submit(jobs, attempts=attempt, run_id=run_id,
+                                            recheck=recheck))
         done: set[concurrent.futures.Future[JobResult]] = set()
         while pending:
             limit = min(deadline, self._drain_deadline)
@@ -137,7 +148,6 @@ class MessagePolicy:
             done |= finished
         if pending:
             if self._draining.is_set():
-                self._results.requeued([job.job_id for job in jobs])
                 return Outcome(requeue=f"the drain deadline came with {len(pending)} jobs "
                                        "unfinished")
             return Outcome(retry=TransientError("the pipeline did not finish the message in time",
@@ -161,7 +171,10 @@ class MessagePolicy:
                          queue, index=None)
             return []
         jobs: list[Job] = []
+        shared = payload.get("shared")
         for index, raw in enumerate(raw_jobs):
+            if isinstance(shared, dict) and isinstance(raw, dict):
+                raw = {**shared, **raw}  # a dead letter keeps the whole job
             try:
                 job = JobMessage.model_validate({**payload, "jobs": [raw]}).jobs[0]
             except ValidationError as exc:
@@ -170,7 +183,8 @@ class MessagePolicy:
                 continue
             if job.model != self.settings.model:
                 self._fail_now(job, ErrorCode.WRONG_MODEL,
-                               f"this worker serves {self.settings.model!r}, not {job.model!r}")
+                               f"this worker serves {self.settings.model!r}, not {job.model!r}",
+                               run_of(payload))
                 continue
             jobs.append(job)
         return jobs
@@ -190,10 +204,12 @@ class MessagePolicy:
                                content_type=content_type,
                                dedupe_key=f"{message_id}:undecodable" if message_id else None)
 
-    def _fail_now(self, job: Job, code: ErrorCode, message: str) -> None:
-        self._results.put_many([JobResult(job_id=job.job_id, status=Status.FAILED,
-                                          task=job.task, model=job.model, source=job.source,
-                                          error=ErrorInfo(code=code, message=message))])
+    def _fail_now(self, job: Job, code: ErrorCode, message: str, run_id: str | None) -> None:
+        result = JobResult(job_id=job.job_id, status=Status.FAILED, task=job.task,
+                           model=job.model, source=job.source,
+                           error=ErrorInfo(code=code, message=message),
+                           timings=Timings(finished_at=time.time()))
+        self._results.settle([Settlement(result, run_id, source=job.source)])
 
     def _unfinished(self, jobs: list[Job]) -> list[Job]:
         statuses = self._results.statuses([job.job_id for job in jobs])
@@ -219,9 +235,8 @@ class MessagePolicy:
             log.error("message %s killed its worker %d times; splitting its %d unfinished jobs "
                       "into one message each to find the culprit", message_id, previous.count,
                       len(unfinished))
-            run_id = payload.get("run_id") if isinstance(payload, dict) else None
             return Outcome(resend=tuple(
-                JobMessage(jobs=[job], run_id=run_id).model_dump(mode="json")
+                JobMessage(jobs=[job], run_id=run_of(payload)).model_dump(mode="json")
                 for job in unfinished))
         letter = self._dead_letters.add(
             payload=payload, code=ErrorCode.POISON_MESSAGE, error=previous.describe(),
@@ -232,13 +247,14 @@ class MessagePolicy:
         for job in unfinished:
             self._fail_now(job, ErrorCode.POISON_MESSAGE,
                            f"its message did not finish on any of {previous.count} deliveries; "
-                           f"quarantined as dead letter {letter.id}")
+                           f"quarantined as dead letter {letter.id}", run_of(payload))
         return Outcome(dead_lettered=True)
 
     def _give_up(self, jobs: list[Job], error: TransientError, payload: Any, message_id: str,
                  queue: str | None) -> None:
         for job in self._unfinished(jobs):
-            self._fail_now(job, error.code, f"gave up after retries: {error.message}")
+            self._fail_now(job, error.code, f"gave up after retries: {error.message}",
+                           run_of(payload))
         self._dead_letters.add(payload=payload, code=error.code, error=error.message,
                                message_id=message_id, deliveries=self.settings.max_retries + 1,
                                queue=queue, dedupe_key=f"{message_id}:gave-up")

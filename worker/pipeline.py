@@ -37,7 +37,7 @@ from concurrent.futures import Future
 from control.results import ResultStore
 from schemas.errors import ErrorCode, TransientError
 from schemas.jobs import Job, Task
-from schemas.results import JobResult
+from schemas.results import JobResult, Status
 from schemas.settings import Settings
 from worker.forward import BatchForward
 from worker.items import EncodedBatch, Item
@@ -77,13 +77,18 @@ class Pipeline:
         self._threads = [self._start_stage("ds-model", self._model.run),
                          self._start_stage("ds-writer", writes.run)]
 
-    def submit(self, jobs: Sequence[Job], *, attempts: int = 1) -> list[Future[JobResult]]:
+    def submit(self, jobs: Sequence[Job], *, attempts: int = 1, run_id: str | None = None,
+               recheck: bool = False) -> list[Future[JobResult]]:
+        """Admit jobs. A job settled before resolves to its stored result: found when its
+        row is claimed, or, with `recheck` (a redelivered message, whose jobs may well be
+        done), before it is computed, for one more round trip."""
         if not self.healthy:
             raise TransientError("the pipeline is stopped or one of its stages died",
                                  code=ErrorCode.INTERNAL)
-        already_done = self._results.begin([job.job_id for job in jobs])
-        return [self._admit(job, attempts, done).future
-                for job, done in zip(jobs, already_done, strict=True)]
+        earlier = (self._results.get_many([job.job_id for job in jobs]) if recheck
+                   else [None] * len(jobs))
+        return [self._admit(job, attempts, run_id, result).future
+                for job, result in zip(jobs, earlier, strict=True)]
 
     @property
     def healthy(self) -> bool:
@@ -109,11 +114,12 @@ class Pipeline:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()) + 1)
 
-    def _admit(self, job: Job, attempts: int, done: bool) -> Item:
-        item = Item(job, Future(), attempts, time.time())
+    def _admit(self, job: Job, attempts: int, run_id: str | None,
+               earlier: JobResult | None) -> Item:
+        item = Item(job, Future(), attempts, time.time(), run_id)
         item.timings.enqueued_at = item.enqueued_at
-        if done:
-            self._settle.already_done(item)
+        if earlier is not None and earlier.status is Status.DONE:
+            item.future.set_result(earlier)
         elif job.task is Task.TEXT_EMBEDDING:
             self._ready.put(item)
         else:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import redis
 
-from control.results import ResultStore
+from control.results import ResultStore, Settlement
 from schemas.errors import DualstreamError, ErrorCode, PermanentError, TransientError
 from schemas.results import ErrorInfo, JobResult, OutputLocation, Status
 from worker.items import Item
@@ -43,6 +43,10 @@ def failed_result(item: Item, exc: BaseException) -> JobResult:
     )
 
 
+def settlement(item: Item, result: JobResult) -> Settlement:
+    return Settlement(result, item.run_id, item.job.embedding_dtype, item.job.source)
+
+
 def as_transient(exc: BaseException) -> TransientError | None:
     """The error to retry `exc` with, or None where retrying cannot help."""
     if isinstance(exc, TransientError):
@@ -57,8 +61,8 @@ class Settler:
         self._results = results
 
     def done(self, finished: Sequence[tuple[Item, JobResult]]) -> None:
-        """Record the results and release the jobs' claims, then resolve their futures."""
-        self._results.put_many([result for _, result in finished], clear_claims=True)
+        """Record the results (which releases the jobs' claims), then resolve their futures."""
+        self._results.settle([settlement(item, result) for item, result in finished])
         for item, result in finished:
             item.future.set_result(result)
 
@@ -89,7 +93,7 @@ class Settler:
 
     def _record_failure(self, item: Item, result: JobResult) -> None:
         try:
-            self._results.put_many([result])
+            self._results.settle([settlement(item, result)])
         except Exception as write_exc:  # noqa: BLE001 - the job is retried instead
             self.retry(item, TransientError(f"recording the failure failed: {write_exc}",
                                             code=ErrorCode.TRANSIENT_BROKER))
