@@ -1,18 +1,23 @@
-"""Per-job records, row claims and run counters in Redis.
+"""Per-job records, row reservations and run counters in Redis.
 
 One string per job (schemas/records.py) carries its whole life: `q` when a single submission
-is queued (bulk jobs have no record until they settle), `r…` while a shard writer holds its
-claim, then the settled record, written once. Each is changed by one Lua script per batch:
+is queued (bulk jobs have nothing until their row is reserved), then its result, written once,
+by the shard writer that reserves the job's row, before the row is written. A done record
+names its shard and row, and counts as done once that shard is committed: `ds:shard:<id>`
+holds the shard's URI from the moment its manifest is written. Until then it is the job's
+claim: another writer finds it busy, or, once its lease is over, takes it over after checking
+whether the dead writer's shard was committed after all. Each step is one Lua script per batch:
 
-- `claim`: a writer claims a batch's jobs for its shard. Done jobs are reported, not claimed;
-  a claim younger than the lease held by another shard makes the job busy; an older one (its
-  writer died) is taken over, and the caller checks whether the dead shard was committed.
-- `settle`: writes the batch's records, and for jobs settled for the first time (never for a
-  second delivery) bumps their runs' counters and appends failures to the runs' failure lists.
-  A job that another run settled first is counted once in this one too (`run_repeats`).
+- `reserve`: one `SET NX` per bulk job; a job with a record is looked at: done (its shard is
+  committed), busy, or taken over. The rows are numbered as they are won. What the jobs add to
+  their runs' counters is kept with the shard (`ds:shard:<id>:runs`) until it is committed.
+- `commit`: sets the shard's key, once, and only then adds its counts to the runs: a job is
+  counted when its row is committed, once, whoever commits it (its writer, or the writer that
+  finds a dead one's shard committed).
+- `fail`: records failed jobs and counts them (a job whose row is done is left as it is).
 
-So a run's counters (schemas/keys.py `run`) stay exact whatever the workers die of, and a
-job's status is one GET away.
+So a run's counters stay exact whatever the workers die of, a bulk job costs Redis one write,
+and a job's status is one read away.
 """
 
 from __future__ import annotations
@@ -26,16 +31,15 @@ import redis
 
 from schemas.keys import RedisKeys
 from schemas.records import (
+    TIME_ORIGIN_MS,
     EmbeddingDtype,
     decode_record,
     encode_record,
-    record_shard,
     record_status,
-    shard_id_of,
 )
 from schemas.results import JobResult, RunProgress, Status
 
-# Redis answers MGET of this many keys in well under a millisecond.
+# Redis answers this many keys at once in well under a millisecond.
 _READ_CHUNK = 2048
 
 _ENQUEUE = """
@@ -46,58 +50,155 @@ for i, key in ipairs(KEYS) do
   if state == '' or state == 'f' then
     redis.call('SET', key, 'q', 'EX', ttl)
     out[i] = 1
-  else  -- queued, being written or done: a record is never set back
+  else  -- queued, reserved or done: a record is never set back
     out[i] = resend and 1 or 0
   end
 end
 return out
 """
 
-_CLAIM = """
+# Offsets in a record (schemas/records.py), from 1: run tag 2-4, time 5-9 (ms since
+# 2020-01-01), row 14-15, the shard id's length at 16 (ids are under 128 bytes) and the id
+# from 17; a failed record's code's length at 11, the code from 12.
+_RECORD_LUA = """
+local function shard_of(record)
+  return string.sub(record, 17, 16 + string.byte(record, 16))
+end
+local function time_of(record)
+  return struct.unpack('<I5', string.sub(record, 5, 9)) + ORIGIN
+end
+local function with_row(record, row)
+  return string.sub(record, 1, 13) .. struct.pack('<I2', row) .. string.sub(record, 16)
+end
+local function failed_code(record)
+  return string.sub(record, 12, 11 + string.byte(record, 11))
+end
+local function same_run(a, b)
+  return string.sub(a, 2, 4) == string.sub(b, 2, 4)
+end
+""".replace("ORIGIN", str(TIME_ORIGIN_MS))
+
+# KEYS: n records, the shard's pending counts, then per run its counters and repeats set.
+# ARGV: shard id, now (ms), lease (ms), ttl (s), first row, takeover (1/0), n, runs, the
+# shard key prefix; per job its record and run number (0: none); per run its id.
+_RESERVE = _RECORD_LUA + """
 local shard, now, lease, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local out = {}
-for i, key in ipairs(KEYS) do
-  local value = redis.call('GET', key)
-  local held, at
-  if value then held, at = string.match(value, '^r(.*)|(%d+)$') end
-  if value and string.sub(value, 1, 1) == 'd' then
-    out[i] = 'done'
-  elseif held and held ~= shard and now - tonumber(at) < lease then
-    out[i] = 'busy:' .. held .. ':' .. at
-  else
-    redis.call('SET', key, 'r' .. shard .. '|' .. now, 'PX', ttl)
-    out[i] = (held and held ~= shard) and ('taken:' .. held) or 'new'
+local row, takeover, n, runs = tonumber(ARGV[5]), ARGV[6] == '1', tonumber(ARGV[7]),
+  tonumber(ARGV[8])
+local shard_prefix = ARGV[9]
+local pending, out = {}, {}
+local function count(run, field, by)
+  local name = ARGV[9 + 2 * n + run] .. '\t' .. field
+  pending[name] = (pending[name] or 0) + by
+end
+local function win(i, key, record, run, old)
+  redis.call('SET', key, with_row(record, row), 'EX', ttl)
+  out[i] = 'new:' .. row
+  row = row + 1
+  if run > 0 then
+    count(run, 'done', 1)
+    if old and same_run(old, record) and string.sub(old, 1, 1) == 'f' then
+      count(run, 'failed', -1)
+      count(run, 'failed:' .. failed_code(old), -1)
+    end
   end
+end
+for i = 1, n do
+  local key, record, run = KEYS[i], ARGV[8 + 2 * i], tonumber(ARGV[9 + 2 * i])
+  if redis.call('SET', key, with_row(record, row), 'NX', 'EX', ttl) then
+    out[i] = 'new:' .. row
+    row = row + 1
+    if run > 0 then count(run, 'done', 1) end
+  else
+    local old = redis.call('GET', key)
+    local state = old and string.sub(old, 1, 1)
+    if state ~= 'd' then
+      win(i, key, record, run, old)
+    else
+      local held = shard_of(old)
+      if held == shard then
+        win(i, key, record, run, nil)
+      elseif redis.call('EXISTS', shard_prefix .. held) == 1 then
+        out[i] = 'done'
+        if run > 0 and not same_run(old, record) and
+            redis.call('SADD', KEYS[n + 1 + 2 * run], key) == 1 then
+          redis.call('HINCRBY', KEYS[n + 2 * run], 'done', 1)
+          redis.call('EXPIRE', KEYS[n + 1 + 2 * run], ttl)
+        end
+      elseif now - time_of(old) < lease then
+        out[i] = 'busy:' .. held .. ':' .. time_of(old)
+      elseif takeover then
+        win(i, key, record, run, nil)
+      else
+        out[i] = 'taken:' .. held
+      end
+    end
+  end
+end
+local flat = {}
+for name, by in pairs(pending) do
+  if by ~= 0 then
+    table.insert(flat, name)
+    table.insert(flat, by)
+  end
+end
+if #flat > 0 then
+  redis.call('HINCRBY', KEYS[n + 1], flat[1], flat[2])
+  for j = 3, #flat, 2 do redis.call('HINCRBY', KEYS[n + 1], flat[j], flat[j + 1]) end
+  redis.call('EXPIRE', KEYS[n + 1], ttl)
 end
 return out
 """
 
-_HOLDS = """
-local mine, now = 'r' .. ARGV[1] .. '|', ARGV[2]
+# KEYS: the shard's key, its pending counts. ARGV: its URI, ttl (s), the run key prefix.
+# Run keys are named from the pending counts, so this script is for one Redis, not a cluster.
+_COMMIT = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 0 end
+local counts = redis.call('HGETALL', KEYS[2])
+for j = 1, #counts, 2 do
+  local run, field = string.match(counts[j], '^(.*)\t(.*)$')
+  redis.call('HINCRBY', ARGV[3] .. run, field, counts[j + 1])
+  redis.call('EXPIRE', ARGV[3] .. run, ARGV[2])
+end
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
+# Renews (and reports) the reservations `shard` still holds: KEYS records; ARGV shard, now.
+_HOLDS = (_RECORD_LUA + """
+local shard, now = ARGV[1], struct.pack('<I5', tonumber(ARGV[2]) - ORIGIN)
 local out = {}
 for i, key in ipairs(KEYS) do
   local value = redis.call('GET', key)
-  if value and string.sub(value, 1, #mine) == mine then
-    redis.call('SET', key, mine .. now, 'KEEPTTL')
+  if value and string.sub(value, 1, 1) == 'd' and shard_of(value) == shard then
+    redis.call('SET', key, string.sub(value, 1, 4) .. now .. string.sub(value, 10), 'KEEPTTL')
     out[i] = 1
   else
     out[i] = 0
   end
 end
 return out
+""").replace("ORIGIN", str(TIME_ORIGIN_MS))
+
+# Drops the reservations `shard` still holds (its write failed): KEYS records; ARGV shard.
+_RELEASE = _RECORD_LUA + """
+for i, key in ipairs(KEYS) do
+  local value = redis.call('GET', key)
+  if value and string.sub(value, 1, 1) == 'd' and shard_of(value) == ARGV[1] then
+    redis.call('DEL', key)
+  end
+end
+return 0
 """
 
-# Records, each followed by its shard's URI when it is done with a row ('' otherwise): a
-# result in one round trip. Offsets: schemas/records.py (flags at 13, shard id at 20).
-_READ = """
+# Each record, then its shard's URI when the shard is committed ('' otherwise).
+_READ = _RECORD_LUA + """
 local prefix, out = ARGV[1], {}
 for i, key in ipairs(KEYS) do
   local value = redis.call('GET', key)
   local uri = ''
-  local done = value and string.sub(value, 1, 1) == 'd'
-  if done and math.floor(string.byte(value, 13) / 2) % 2 == 1 then
-    local shard = string.sub(value, 21, 20 + string.byte(value, 20))
-    uri = redis.call('GET', prefix .. shard) or ''
+  if value and string.sub(value, 1, 1) == 'd' then
+    uri = redis.call('GET', prefix .. shard_of(value)) or ''
   end
   out[2 * i - 1] = value or false
   out[2 * i] = uri
@@ -105,31 +206,28 @@ end
 return out
 """
 
-# KEYS: n records, then per run its counters, failure list and repeats set, then k shards.
-# ARGV: ttl, n, runs, k; per job its record, run number (0: none), error code, failure line;
-# per shard its URI.
-_SETTLE = """
-local ttl, n, runs, k = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local counts, failures = {}, {}
+# KEYS: n records, then per run its counters, failure list and repeats set.
+# ARGV: ttl, n, runs, shard key prefix; per job its record, run number (0: none), error code,
+# failure line.
+_FAIL = _RECORD_LUA + """
+local ttl, n, runs, shard_prefix = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local counts, failures, out = {}, {}, {}
 local function bump(run, field, by)
   counts[run] = counts[run] or {}
   counts[run][field] = (counts[run][field] or 0) + by
 end
-local function failed_code(record)  -- schemas/records.py: after tag, time and attempts
-  return string.sub(record, 14, 13 + string.byte(record, 13))  -- codes are under 128 bytes
-end
-local out = {}
 for i = 1, n do
   local key, value = KEYS[i], ARGV[4 * i + 1]
   local run, code, line = tonumber(ARGV[4 * i + 2]), ARGV[4 * i + 3], ARGV[4 * i + 4]
   local old = redis.call('GET', key)
-  local was, new = old and string.sub(old, 1, 1), string.sub(value, 1, 1)
-  local same_run = old and string.sub(old, 2, 5) == string.sub(value, 2, 5)
-  if was == 'd' or (was == 'f' and new == 'f') then
-    out[i] = 0
-    if run > 0 and not same_run and
+  local was = old and string.sub(old, 1, 1)
+  local same = old and same_run(old, value)
+  local done = was == 'd' and redis.call('EXISTS', shard_prefix .. shard_of(old)) == 1
+  if was == 'd' or was == 'f' then
+    out[i] = 0  -- done, being written, or failed already
+    if run > 0 and not same and (done or was == 'f') and
         redis.call('SADD', KEYS[n + 3 * run], key) == 1 then
-      if was == 'd' then
+      if done then
         bump(run, 'done', 1)
       else
         bump(run, 'failed', 1)
@@ -140,18 +238,10 @@ for i = 1, n do
     redis.call('SET', key, value, 'EX', ttl)
     out[i] = 1
     if run > 0 then
-      if was == 'f' and same_run then
-        bump(run, 'failed', -1)
-        bump(run, 'failed:' .. failed_code(old), -1)
-      end
-      if new == 'd' then
-        bump(run, 'done', 1)
-      else
-        bump(run, 'failed', 1)
-        bump(run, 'failed:' .. code, 1)
-        failures[run] = failures[run] or {}
-        table.insert(failures[run], line)
-      end
+      bump(run, 'failed', 1)
+      bump(run, 'failed:' .. code, 1)
+      failures[run] = failures[run] or {}
+      table.insert(failures[run], line)
     end
   end
 end
@@ -163,25 +253,33 @@ for run = 1, runs do
   if failures[run] then redis.call('RPUSH', KEYS[base + 2], unpack(failures[run])) end
   for j = 1, 3 do redis.call('EXPIRE', KEYS[base + j], ttl) end
 end
-for j = 1, k do
-  redis.call('SET', KEYS[n + 3 * runs + j], ARGV[4 * n + 4 + j], 'EX', ttl)
-end
 return out
 """
 
 
 @dataclass(frozen=True)
 class Claim:
-    """Outcome of claiming one job for a shard."""
+    """Outcome of reserving one job's row for a shard."""
 
     state: str  # new | taken | done | busy
     previous_shard: str | None = None
     retry_after_s: float = 0.0
+    row: int | None = None  # new: the job's row in the shard
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A row a shard writer wants: the job, and the record it leaves once the shard commits
+    (encoded with this shard; its row is filled in when the row is won)."""
+
+    job_id: str
+    record: bytes
+    run_id: str | None = None
 
 
 @dataclass(frozen=True)
 class Settlement:
-    """A settled result to record, with the run whose counters it moves."""
+    """A failed result to record, with the run whose counters it moves."""
 
     result: JobResult
     run_id: str | None = None
@@ -197,6 +295,8 @@ def _parse_claim(raw: bytes, now_ms: int, lease_ms: int) -> Claim:
         return Claim("busy", shard, max(0.05, (int(at) + lease_ms - now_ms) / 1000))
     if state == "taken":
         return Claim("taken", rest)
+    if state == "new":
+        return Claim("new", row=int(rest))
     return Claim(state)
 
 
@@ -206,16 +306,23 @@ def _failure_line(settlement: Settlement) -> str:
     return f"{settlement.result.job_id}\t{error.code.value if error else ''}\t{source}"
 
 
+def _runs(run_ids: Sequence[str | None]) -> tuple[list[str], dict[str, int]]:
+    runs = list(dict.fromkeys(run_id for run_id in run_ids if run_id))
+    return runs, {run_id: i + 1 for i, run_id in enumerate(runs)}
+
+
 class ResultStore:
     def __init__(self, client: redis.Redis, keys: RedisKeys, ttl_s: int) -> None:
         self._redis = client
         self._keys = keys
         self._ttl_s = ttl_s
         self._enqueue_script = client.register_script(_ENQUEUE)
-        self._claim_script = client.register_script(_CLAIM)
+        self._reserve_script = client.register_script(_RESERVE)
+        self._commit_script = client.register_script(_COMMIT)
         self._holds_script = client.register_script(_HOLDS)
+        self._release_script = client.register_script(_RELEASE)
         self._read_script = client.register_script(_READ)
-        self._settle_script = client.register_script(_SETTLE)
+        self._fail_script = client.register_script(_FAIL)
 
     # Producers -----------------------------------------------------------------------------
     def enqueue(self, job_ids: Sequence[str], *, resend: bool = False) -> list[bool]:
@@ -228,74 +335,104 @@ class ResultStore:
         flags = self._enqueue_script(keys=keys, args=[self._ttl_s, int(resend)])
         return [bool(flag) for flag in flags]
 
-    # Readers -------------------------------------------------------------------------------
-    def records(self, job_ids: Sequence[str]) -> list[bytes | None]:
+    def states(self, job_ids: Sequence[str]) -> list[Status | None]:
+        """What each job's record says, in one MGET per 2,048 jobs, without asking whether a
+        reserved row is committed yet: `done` here means done or being written."""
         found: list[bytes | None] = []
         for start in range(0, len(job_ids), _READ_CHUNK):
             chunk = job_ids[start:start + _READ_CHUNK]
             found += cast(list[bytes | None],
                           self._redis.mget([self._keys.record(job_id) for job_id in chunk]))
+        return [record_status(raw) for raw in found]
+
+    # Readers -------------------------------------------------------------------------------
+    def _read(self, job_ids: Sequence[str]) -> list[tuple[bytes | None, str | None]]:
+        found: list[tuple[bytes | None, str | None]] = []
+        for start in range(0, len(job_ids), _READ_CHUNK):
+            chunk = job_ids[start:start + _READ_CHUNK]
+            keys = [self._keys.record(job_id) for job_id in chunk]
+            flat = self._read_script(keys=keys, args=[self._keys.shard("")])
+            found += [(raw or None, uri.decode() if uri else None)
+                      for raw, uri in zip(flat[::2], flat[1::2], strict=True)]
         return found
 
     def statuses(self, job_ids: Sequence[str]) -> list[Status | None]:
-        return [record_status(raw) for raw in self.records(job_ids)]
+        """Each job's status: done only once its row is committed."""
+        return [Status.RUNNING if status is Status.DONE and uri is None else status
+                for status, uri in ((record_status(raw), uri)
+                                    for raw, uri in self._read(job_ids))]
 
     def get(self, job_id: str) -> JobResult | None:
         return self.get_many([job_id])[0]
 
     def get_many(self, job_ids: Sequence[str]) -> list[JobResult | None]:
         """Results with their shards' URIs, in one round trip per 2,048 jobs."""
-        found: list[JobResult | None] = []
-        for start in range(0, len(job_ids), _READ_CHUNK):
-            chunk = job_ids[start:start + _READ_CHUNK]
-            keys = [self._keys.record(job_id) for job_id in chunk]
-            flat = self._read_script(keys=keys, args=[self._keys.shard("")])
-            for job_id, raw, uri in zip(chunk, flat[::2], flat[1::2], strict=True):
-                shard = record_shard(raw) if uri else None
-                found.append(decode_record(job_id, raw or None,
-                                           {shard: uri.decode()} if shard else None))
-        return found
+        return [decode_record(job_id, raw, uri)
+                for job_id, (raw, uri) in zip(job_ids, self._read(job_ids), strict=True)]
 
-    # Workers -------------------------------------------------------------------------------
-    def claim(self, job_ids: Sequence[str], shard: str, lease_s: float) -> list[Claim]:
-        if not job_ids:
+    # Shard writers -------------------------------------------------------------------------
+    def reserve(self, reservations: Sequence[Reservation], shard: str, lease_s: float, *,
+                first_row: int = 0, takeover: bool = False) -> list[Claim]:
+        """Reserve the jobs' rows in `shard` in one round trip, numbering the rows won from
+        `first_row`. With `takeover`, a reservation older than the lease whose shard is not
+        committed is taken (after the caller has checked that shard's manifest)."""
+        if not reservations:
             return []
         now_ms, lease_ms = int(time.time() * 1000), int(lease_s * 1000)
-        keys = [self._keys.record(job_id) for job_id in job_ids]
-        raw = self._claim_script(keys=keys, args=[shard, now_ms, lease_ms, self._ttl_s * 1000])
+        runs, number = _runs([r.run_id for r in reservations])
+        keys = [self._keys.record(r.job_id) for r in reservations]
+        keys.append(self._keys.shard_runs(shard))
+        for run_id in runs:
+            keys += [self._keys.run(run_id), self._keys.run_repeats(run_id)]
+        args: list[str | bytes | int] = [shard, now_ms, lease_ms, self._ttl_s, first_row,
+                                         int(takeover), len(reservations), len(runs),
+                                         self._keys.shard("")]
+        for r in reservations:
+            args += [r.record, number.get(r.run_id or "", 0)]
+        args += runs
+        raw = self._reserve_script(keys=keys, args=args)
         return [_parse_claim(item, now_ms, lease_ms) for item in raw]
 
     def still_held(self, job_ids: Sequence[str], shard: str) -> list[bool]:
-        """Whether `shard` still holds each claim, renewing those it holds: checked just before
-        a shard is committed, so that the commit has a whole lease to land in."""
+        """Whether `shard` still holds each reservation, renewing those it holds: checked just
+        before a slow shard is committed, so that the commit has a whole lease to land in."""
         if not job_ids:
             return []
         keys = [self._keys.record(job_id) for job_id in job_ids]
         now_ms = int(time.time() * 1000)
         return [bool(flag) for flag in self._holds_script(keys=keys, args=[shard, now_ms])]
 
-    def settle(self, settlements: Sequence[Settlement]) -> list[bool]:
-        """Record settled results in one round trip; True for each job settled for the first
-        time (its run counted it), False for one an earlier delivery had settled."""
+    def commit(self, shard: str, uri: str) -> bool:
+        """The shard's manifest is written: its rows' records now read as done, and their
+        counts go to their runs. True the first time (the only time anything is counted)."""
+        keys = [self._keys.shard(shard), self._keys.shard_runs(shard)]
+        return bool(self._commit_script(keys=keys, args=[uri, self._ttl_s,
+                                                         self._keys.run("")]))
+
+    def release(self, job_ids: Sequence[str], shard: str) -> None:
+        """A shard that will not be committed gives its reservations up at once."""
+        if job_ids:
+            self._release_script(keys=[self._keys.record(job_id) for job_id in job_ids],
+                                 args=[shard])
+
+    def fail(self, settlements: Sequence[Settlement]) -> list[bool]:
+        """Record failed results in one round trip; True for each job failed for the first
+        time (its run counted it). A job whose row is done or being written keeps it."""
         if not settlements:
             return []
-        runs = list(dict.fromkeys(s.run_id for s in settlements if s.run_id))
-        run_number = {run_id: i + 1 for i, run_id in enumerate(runs)}
-        shards = {shard_id_of(s.result.output.shard): s.result.output.shard
-                  for s in settlements if s.result.output is not None}
+        runs, number = _runs([s.run_id for s in settlements])
         keys = [self._keys.record(s.result.job_id) for s in settlements]
         for run_id in runs:
             keys += [self._keys.run(run_id), self._keys.run_failures(run_id),
                      self._keys.run_repeats(run_id)]
-        keys += [self._keys.shard(shard_id) for shard_id in shards]
-        args: list[str | bytes | int] = [self._ttl_s, len(settlements), len(runs), len(shards)]
+        args: list[str | bytes | int] = [self._ttl_s, len(settlements), len(runs),
+                                         self._keys.shard("")]
         for s in settlements:
             error = s.result.error
             args += [encode_record(s.result, s.run_id, s.dtype),
-                     run_number.get(s.run_id or "", 0),
+                     number.get(s.run_id or "", 0),
                      error.code.value if error else "", _failure_line(s)]
-        args += list(shards.values())
-        return [bool(flag) for flag in self._settle_script(keys=keys, args=args)]
+        return [bool(flag) for flag in self._fail_script(keys=keys, args=args)]
 
 
 class RunStore:

@@ -98,7 +98,7 @@ class Client:
             todo = [job for job, fresh in zip(chunk, self.results.enqueue(
                 ids, resend=not skip_done), strict=True) if fresh]
         else:
-            statuses = self.results.statuses(ids) if skip_done else [None] * len(ids)
+            statuses = self.results.states(ids) if skip_done else [None] * len(ids)
             todo = [job for job, status in zip(chunk, statuses, strict=True)
                     if status in (None, Status.FAILED)]
         by_model: dict[str, list[Job]] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 from dataclasses import dataclass
@@ -28,12 +29,23 @@ class RedisKeys:
     prefix: str = "ds"
 
     def record(self, job_id: str) -> str:
-        """A job's one record (schemas/records.py): queued, being written, or settled."""
-        return f"{self.prefix}:r:{job_id}"
+        """A job's one record (schemas/records.py): queued, being written, or settled. The job
+        id (32 hex digits) is written as base64url of its 16 bytes, unpadded: 22 characters
+        keep the key in Redis's 32-byte allocation. An id that is not hex is used as is."""
+        try:
+            short = base64.urlsafe_b64encode(bytes.fromhex(job_id)).rstrip(b"=").decode()
+        except ValueError:
+            short = job_id
+        return f"{self.prefix}:r:{short}"
 
     def shard(self, shard_id: str) -> str:
-        """Where a committed shard's vectors live (its URI): records name the shard by id."""
+        """A committed shard's vectors' URI, set when its manifest is written: the records
+        that name the shard read as done from then on (control/results.py)."""
         return f"{self.prefix}:shard:{shard_id}"
+
+    def shard_runs(self, shard_id: str) -> str:
+        """Hash: what a shard's rows add to their runs' counters once it is committed."""
+        return f"{self.prefix}:shardruns:{shard_id}"
 
     def run(self, run_id: str) -> str:
         """Hash: a run's counters (queued, done, failed, failed:<code>), listing cursor, pass."""

@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     )
 
     # Batching and concurrency
-    max_batch_items: int = Field(default=64, ge=1)
+    max_batch_items: int = Field(default=64, ge=1, le=65_535)  # a shard's rows: u16 in records
     max_batch_wait_ms: int = Field(default=100, ge=0, description="longest wait for batch-mates "
                                    "while more items are being prepared; a lone item never waits")
     max_inflight_messages: int = Field(default=16, ge=1, description="unacknowledged messages")

@@ -19,12 +19,13 @@ import redis
 from pydantic import ValidationError
 
 from control.objects import LocalOutputStore, S3OutputStore
-from control.results import ResultStore, Settlement
+from control.results import Reservation, ResultStore
 from schemas.jobs import Job, Task
 from schemas.keys import RedisKeys, ShardPaths
 from schemas.outputs import MetadataRow, ShardManifest
-from schemas.results import LabelScore
-from worker.outputs import METADATA_SCHEMA, OutputRow, ShardWriter
+from schemas.records import shard_id_of
+from schemas.results import LabelScore, Status
+from worker.outputs import METADATA_SCHEMA, OutputRow, ShardWriter, row_record
 
 MODEL = "tiny/model"
 
@@ -64,14 +65,16 @@ def committed_rows(store: S3OutputStore | LocalOutputStore) -> list[str]:
     return jobs
 
 
-def finish(results: ResultStore, writer_rows: list[OutputRow], outcomes: list[Any]) -> None:
-    """What the pipeline does after a write: settle the jobs (which replaces their claims)."""
-    from schemas.results import JobResult, Status
+def reserve_as(results: ResultStore, row: OutputRow, shard: str, lease_s: float) -> None:
+    """Another writer's reservation of the row's job."""
+    results.reserve([Reservation(row.job.job_id, row_record(row, shard, time.time()))], shard,
+                    lease_s)
 
-    results.settle([Settlement(JobResult(job_id=r.job.job_id, status=Status.DONE,
-                                         task=r.job.task, model=MODEL, source=r.job.source,
-                                         output=o.location))
-                    for r, o in zip(writer_rows, outcomes, strict=True) if o.location])
+
+def uncommit(results: ResultStore, outcomes: list[Any]) -> None:
+    """As if the writer died after its manifest, before committing the shard in Redis."""
+    shard_ids = {shard_id_of(o.location.shard) for o in outcomes if o.location}
+    results._redis.delete(*[RedisKeys().shard(shard_id) for shard_id in shard_ids])
 
 
 def test_a_shard_holds_aligned_embeddings_metadata_and_a_manifest(store: S3OutputStore,
@@ -95,26 +98,26 @@ def test_a_shard_holds_aligned_embeddings_metadata_and_a_manifest(store: S3Outpu
 def test_writing_a_done_job_again_adds_no_row(store: S3OutputStore, results: ResultStore) -> None:
     writer = ShardWriter(store, results, worker="w", lease_s=30)
     batch = rows(3)
-    finish(results, batch, writer.write(batch, "image"))
+    writer.write(batch, "image")
     again = writer.write(rows(3) + rows(1, start=10), "image")
     assert [o.already_done for o in again] == [True, True, True, False]
     assert len(committed_rows(store)) == 4
 
 
-def test_a_live_claim_makes_the_second_writer_wait(store: S3OutputStore,
-                                                   results: ResultStore) -> None:
+def test_a_live_reservation_makes_the_second_writer_wait(store: S3OutputStore,
+                                                         results: ResultStore) -> None:
     batch = rows(2)
-    results.claim([batch[0].job.job_id], "other-shard", lease_s=30)
+    reserve_as(results, batch[0], "other-shard", lease_s=30)
     outcomes = ShardWriter(store, results, worker="w", lease_s=30).write(batch, "image")
     assert outcomes[0].busy is not None and 0 < outcomes[0].busy.retry_after_s <= 30
     assert outcomes[1].location is not None
     assert committed_rows(store) == [batch[1].job.job_id]
 
 
-def test_a_dead_writers_uncommitted_claim_is_taken_over(store: S3OutputStore,
-                                                        results: ResultStore) -> None:
+def test_a_dead_writers_uncommitted_reservation_is_taken_over(store: S3OutputStore,
+                                                              results: ResultStore) -> None:
     batch = rows(1)
-    results.claim([batch[0].job.job_id], "dead-shard", lease_s=0.01)
+    reserve_as(results, batch[0], "dead-shard", lease_s=0.01)
     time.sleep(0.05)
     outcomes = ShardWriter(store, results, worker="w", lease_s=0.01).write(batch, "image")
     assert outcomes[0].location is not None
@@ -125,11 +128,13 @@ def test_a_dead_writers_committed_shard_is_recovered_not_rewritten(store: S3Outp
                                                                    results: ResultStore) -> None:
     batch = rows(2)
     first = ShardWriter(store, results, worker="w", lease_s=0.01).write(batch, "image")
-    # The writer died after its manifest and before recording results: claims stay behind.
+    uncommit(results, first)
+    assert results.statuses([r.job.job_id for r in batch]) == [Status.RUNNING] * 2
     time.sleep(0.05)
     second = ShardWriter(store, results, worker="w2", lease_s=0.01).write(batch, "image")
     assert [o.location for o in second] == [o.location for o in first]
     assert len(committed_rows(store)) == 2
+    assert results.statuses([r.job.job_id for r in batch]) == [Status.DONE] * 2
 
 
 def test_a_recovered_row_is_reported_as_committed_not_as_recomputed(
@@ -137,7 +142,7 @@ def test_a_recovered_row_is_reported_as_committed_not_as_recomputed(
     """The row a dead writer committed stands, and the job's result is that row (vector and
     labels), even where a recomputation differs in the last bits."""
     batch = rows(2)
-    ShardWriter(store, results, worker="w", lease_s=0.01).write(batch, "image")
+    uncommit(results, ShardWriter(store, results, worker="w", lease_s=0.01).write(batch, "image"))
     time.sleep(0.05)
     recomputed = [dataclasses.replace(r, embedding=r.embedding + np.float32(6e-8))
                   for r in batch]
@@ -223,16 +228,19 @@ def test_every_shard_has_the_same_column_types_even_when_no_row_has_an_etag(
     assert metadata.etag is None and metadata.labels == metadata.scores == []
 
 
-def test_the_check_before_a_commit_renews_the_claims_it_finds_held(
+def test_the_check_before_a_commit_renews_the_reservations_it_finds_held(
         results: ResultStore) -> None:
     """The manifest's write then has a whole lease to land in before another writer may take
     the job over (a write that outlasts a lease could otherwise commit a second row)."""
-    [job_id] = [r.job.job_id for r in rows(1)]
-    results.claim([job_id], "shard-a", lease_s=0.4)
+    [row] = rows(1)
+    reserve_as(results, row, "shard-a", lease_s=0.4)
     time.sleep(0.3)
-    assert results.still_held([job_id], "shard-a") == [True]
-    time.sleep(0.3)  # 0.6 s after the claim, 0.3 s after the renewal
-    [claim] = results.claim([job_id], "shard-b", lease_s=0.4)
+    assert results.still_held([row.job.job_id], "shard-a") == [True]
+    time.sleep(0.3)  # 0.6 s after the reservation, 0.3 s after the renewal
+    [claim] = results.reserve([Reservation(row.job.job_id, row_record(row, "shard-b", 0))],
+                              "shard-b", lease_s=0.4)
     assert claim.state == "busy" and claim.previous_shard == "shard-a"
     time.sleep(0.5)
-    assert results.claim([job_id], "shard-b", lease_s=0.4)[0].state == "taken"
+    [claim] = results.reserve([Reservation(row.job.job_id, row_record(row, "shard-b", 0))],
+                              "shard-b", lease_s=0.4)
+    assert claim.state == "taken"

@@ -7,10 +7,11 @@ import time
 import pytest
 import redis
 
-from control.results import ResultStore, RunStore, Settlement
+from control.results import Claim, Reservation, ResultStore, RunStore, Settlement
 from schemas.errors import ErrorCode
 from schemas.keys import RedisKeys
-from schemas.results import ErrorInfo, JobResult, LabelScore, OutputLocation, Status, Timings
+from schemas.records import encode_done
+from schemas.results import ErrorInfo, JobResult, LabelScore, OutputLocation, Status
 
 KEYS = RedisKeys("t-store")
 SHARD = "s3://b/out/m/image/261130133240-0123456789.npy"
@@ -31,11 +32,21 @@ def runs(client: redis.Redis) -> RunStore:
     return RunStore(client, KEYS, ttl_s=3600)
 
 
-def done(job_id: str, row: int = 0) -> JobResult:
-    return JobResult(job_id=job_id, status=Status.DONE, embedding_dim=4,
-                     labels=[LabelScore(label="cat", score=0.75)],
-                     output=OutputLocation(shard=SHARD, row=row),
-                     timings=Timings(finished_at=time.time()), attempts=1)
+LABELS = [LabelScore(label="cat", score=0.75)]
+
+
+def record(job_id: str, shard: str, run_id: str | None = None) -> Reservation:
+    return Reservation(job_id, encode_done(
+        run_id=run_id, finished_at=time.time(), attempts=1, dim=4, shard=shard, row=0,
+        labels=LABELS, truncated=False, embedding=None), run_id)
+
+
+def write(results: ResultStore, job_ids: list[str], run_id: str | None = None,
+          shard: str = "261130133240-0123456789") -> list[Claim]:
+    """What a shard writer does: reserve, (write the shard,) commit."""
+    claims = results.reserve([record(j, shard, run_id) for j in job_ids], shard, lease_s=30)
+    results.commit(shard, SHARD)
+    return claims
 
 
 def failed(job_id: str, code: ErrorCode = ErrorCode.CORRUPT_IMAGE) -> JobResult:
@@ -50,58 +61,70 @@ def test_a_single_submission_is_queued_once(results: ResultStore) -> None:
 
 
 def test_a_done_job_is_not_queued_again_a_failed_one_is(results: ResultStore) -> None:
-    results.settle([Settlement(done("ok")), Settlement(failed("bad"))])
+    write(results, ["ok"])
+    results.fail([Settlement(failed("bad"))])
     assert results.enqueue(["ok", "bad"]) == [False, True]
     assert results.statuses(["ok", "bad"]) == [Status.DONE, Status.QUEUED]
     assert results.enqueue(["ok"], resend=True) == [True]
     assert results.statuses(["ok"]) == [Status.DONE]  # never set back
 
 
-def test_a_job_being_written_keeps_its_claim(results: ResultStore) -> None:
-    results.claim(["w"], "shard-1", lease_s=30)
-    assert results.statuses(["w"]) == [Status.RUNNING]
-    assert results.enqueue(["w"]) == [False]
-    assert results.enqueue(["w"], resend=True) == [True]
-    assert results.statuses(["w"]) == [Status.RUNNING]
-
-
-def test_a_settled_record_reads_back_with_its_shards_uri(results: ResultStore,
-                                                          client: redis.Redis) -> None:
-    results.claim(["a"], "261130133240-0123456789", lease_s=30)
-    assert results.settle([Settlement(done("a", row=3))]) == [True]
-    [back] = ResultStore(client, KEYS, ttl_s=3600).get_many(["a"])
-    assert back is not None and back.output == OutputLocation(shard=SHARD, row=3)
-    assert back.labels == [LabelScore(label="cat", score=0.75)]
+def test_rows_are_numbered_as_won_and_read_as_done_once_the_shard_is_committed(
+        results: ResultStore, client: redis.Redis) -> None:
+    shard = "261130133240-0123456789"
+    results.reserve([record("x", "other")], "other", lease_s=30)
+    claims = results.reserve([record(j, shard) for j in ["a", "x", "b"]], shard, lease_s=30)
+    assert [(c.state, c.row) for c in claims] == [("new", 0), ("busy", None), ("new", 1)]
+    assert results.statuses(["a", "b"]) == [Status.RUNNING] * 2
+    assert results.enqueue(["a"]) == [False]  # being written: not sent again
+    assert results.commit(shard, SHARD) and not results.commit(shard, SHARD)
+    [a, b] = ResultStore(client, KEYS, ttl_s=3600).get_many(["a", "b"])
+    assert a is not None and a.status is Status.DONE
+    assert a.output == OutputLocation(shard=SHARD, row=0) and a.labels == LABELS
+    assert b is not None and b.output == OutputLocation(shard=SHARD, row=1)
     assert 3590 <= client.ttl(KEYS.record("a")) <= 3600
 
 
-def test_settling_twice_counts_once(results: ResultStore, runs: RunStore) -> None:
+def test_a_run_counts_a_job_when_its_shard_commits_once(results: ResultStore,
+                                                        runs: RunStore) -> None:
     runs.queued("run-1", 3)
-    batch = [Settlement(done("a"), "run-1"), Settlement(done("b"), "run-1"),
-             Settlement(failed("c"), "run-1", source="s3://b/c.jpg")]
-    assert results.settle(batch) == [True, True, True]
-    assert results.settle(batch) == [False, False, False]  # a second delivery
+    shard = "s-1"
+    results.reserve([record(j, shard, "run-1") for j in ["a", "b"]], shard, lease_s=30)
+    assert runs.progress("run-1").done == 0  # reserved, not committed
+    results.commit(shard, SHARD)
+    results.commit(shard, SHARD)  # a recovering writer commits it again: no-op
+    write(results, ["a", "b"], "run-1", shard="s-2")  # a second delivery: already done
+    results.fail([Settlement(failed("c"), "run-1", source="s3://b/c.jpg")])
+    results.fail([Settlement(failed("c"), "run-1", source="s3://b/c.jpg")])
     progress = runs.progress("run-1")
     assert (progress.queued, progress.done, progress.failed) == (3, 2, 1)
     assert progress.failed_by_code == {"corrupt_image": 1}
     assert runs.failures("run-1") == [("c", "corrupt_image", "s3://b/c.jpg")]
 
 
-def test_a_done_record_is_never_overwritten(results: ResultStore, runs: RunStore) -> None:
-    results.settle([Settlement(done("a", row=1), "run-1")])
-    assert results.settle([Settlement(failed("a"), "run-1"),
-                           Settlement(done("a", row=2), "run-1")]) == [False, False]
-    result = results.get("a")
-    assert result is not None and result.status is Status.DONE and result.output is not None
-    assert result.output.row == 1
+def test_a_shard_given_up_counts_nothing(results: ResultStore, runs: RunStore) -> None:
+    results.reserve([record("a", "s-1", "run-1")], "s-1", lease_s=30)
+    results.release(["a"], "s-1")
+    assert results.statuses(["a"]) == [None]
+    write(results, ["a"], "run-1", shard="s-2")
     assert runs.progress("run-1").done == 1
+
+
+def test_a_done_job_is_never_failed_nor_written_again(results: ResultStore,
+                                                      runs: RunStore) -> None:
+    write(results, ["a"], "run-1")
+    assert results.fail([Settlement(failed("a"), "run-1")]) == [False]
+    assert [c.state for c in write(results, ["a"], "run-1", shard="s-9")] == ["done"]
+    result = results.get("a")
+    assert result is not None and result.status is Status.DONE
+    assert (runs.progress("run-1").done, runs.progress("run-1").failed) == (1, 0)
 
 
 def test_a_failed_job_done_later_in_its_run_moves_its_count(results: ResultStore,
                                                             runs: RunStore) -> None:
-    results.settle([Settlement(failed("a", ErrorCode.POISON_MESSAGE), "run-1")])
+    results.fail([Settlement(failed("a", ErrorCode.POISON_MESSAGE), "run-1")])
     assert runs.progress("run-1").failed_by_code == {"poison_message": 1}
-    assert results.settle([Settlement(done("a"), "run-1")]) == [True]
+    assert [c.state for c in write(results, ["a"], "run-1")] == ["new"]
     progress = runs.progress("run-1")
     assert (progress.done, progress.failed, progress.failed_by_code) == (1, 0, {})
     assert [f[0] for f in runs.failures("run-1")] == ["a"]  # the list is history
@@ -109,33 +132,34 @@ def test_a_failed_job_done_later_in_its_run_moves_its_count(results: ResultStore
 
 def test_a_job_another_run_settled_first_counts_once_in_each(results: ResultStore,
                                                              runs: RunStore) -> None:
-    results.settle([Settlement(done("a"), "run-1"), Settlement(failed("b"), "run-1")])
-    for _ in range(2):
-        assert results.settle([Settlement(done("a"), "run-2"),
-                               Settlement(failed("b"), "run-2")]) == [False, False]
+    write(results, ["a"], "run-1")
+    results.fail([Settlement(failed("b"), "run-1")])
+    for n in range(2):
+        assert [c.state for c in write(results, ["a"], "run-2", shard=f"s-{n}")] == ["done"]
+        assert results.fail([Settlement(failed("b"), "run-2")]) == [False]
     first, second = runs.progress("run-1"), runs.progress("run-2")
     assert (first.done, first.failed) == (1, 1)
     assert (second.done, second.failed, second.failed_by_code) == (1, 1, {"corrupt_image": 1})
 
 
-def test_one_batch_moves_several_runs_and_jobs_without_one(results: ResultStore,
+def test_one_shard_moves_several_runs_and_jobs_without_one(results: ResultStore,
                                                            runs: RunStore) -> None:
-    results.settle([Settlement(done("a"), "run-1"), Settlement(done("b"), "run-2"),
-                    Settlement(done("c")), Settlement(failed("d"), "run-2")])
-    assert runs.progress("run-1").done == 1
-    assert (runs.progress("run-2").done, runs.progress("run-2").failed) == (1, 1)
+    results.reserve([record("a", "s", "run-1"), record("b", "s", "run-2"), record("c", "s")],
+                    "s", lease_s=30)
+    results.commit("s", SHARD)
+    assert (runs.progress("run-1").done, runs.progress("run-2").done) == (1, 1)
 
 
-def test_claims_done_busy_and_taken_over(results: ResultStore) -> None:
-    results.settle([Settlement(done("d"))])
-    assert [c.state for c in results.claim(["d", "n"], "s1", lease_s=30)] == ["done", "new"]
-    [busy] = results.claim(["n"], "s2", lease_s=30)
-    assert busy.state == "busy" and busy.previous_shard == "s1" and busy.retry_after_s > 25
-    assert results.claim(["n"], "s1", lease_s=30)[0].state == "new"  # its own claim
+def test_an_expired_reservation_is_taken_over_only_when_asked(results: ResultStore) -> None:
+    results.reserve([record("n", "s1")], "s1", lease_s=30)
+    assert results.reserve([record("n", "s1")], "s1", lease_s=30)[0].state == "new"  # its own
     time.sleep(0.05)
-    [taken] = results.claim(["n"], "s2", lease_s=0.01)
+    [taken] = results.reserve([record("n", "s2")], "s2", lease_s=0.01)
     assert taken.state == "taken" and taken.previous_shard == "s1"
-    assert results.still_held(["n", "d"], "s2") == [True, False]
+    [again] = results.reserve([record("n", "s2")], "s2", lease_s=0.01, first_row=7,
+                              takeover=True)
+    assert (again.state, again.row) == ("new", 7)
+    assert results.still_held(["n"], "s2") == [True]
     assert results.still_held(["n"], "s1") == [False]
 
 
@@ -143,7 +167,7 @@ def test_a_run_is_finished_once_listed_and_every_queued_job_settled(
         results: ResultStore, runs: RunStore) -> None:
     assert not runs.progress("run-1").exists
     runs.queued("run-1", 2, cursor="s3://b/p/001.jpg")
-    results.settle([Settlement(done("a"), "run-1"), Settlement(done("b"), "run-1")])
+    write(results, ["a", "b"], "run-1")
     progress = runs.progress("run-1")
     assert progress.cursor == "s3://b/p/001.jpg" and not progress.finished
     runs.listed("run-1")
@@ -156,6 +180,7 @@ def test_a_run_is_finished_once_listed_and_every_queued_job_settled(
 
 def test_reads_of_many_jobs_are_chunked(results: ResultStore) -> None:
     ids = [f"j{i}" for i in range(5000)]
-    results.settle([Settlement(done(job_id)) for job_id in ids[::2]])
+    write(results, ids[::2])
     statuses = results.statuses(ids)
     assert statuses.count(Status.DONE) == 2500 and statuses.count(None) == 2500
+    assert results.states(ids[:2]) == [Status.DONE, None]

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import redis
 
-from control.results import ResultStore, Settlement
+from control.results import Reservation, ResultStore
 from schemas.errors import ErrorCode, ImageError, JobBusy, TransientError
 from schemas.jobs import Job, Task
 from schemas.keys import RedisKeys
-from schemas.results import LabelScore, OutputLocation, Status
+from schemas.records import encode_record, shard_id_of
+from schemas.results import JobResult, LabelScore, OutputLocation, Status
 from tests.fixtures.records import as_stored
 from worker.items import Item
 from worker.local import free_port
@@ -66,25 +67,14 @@ def test_a_done_result_leaves_the_embedding_out_unless_asked() -> None:
     assert result.embedding is None and result.embedding_dim == 2
 
 
-def test_done_jobs_are_recorded_their_claims_released_and_futures_resolved(
-        results: ResultStore, client: redis.Redis) -> None:
+def test_done_jobs_resolve_their_futures_their_records_came_with_their_rows(
+        unreachable: ResultStore) -> None:
     done = [item(n) for n in range(2)]
-    results.claim([i.job.job_id for i in done], "shard-1", lease_s=30)
     finished = [(i, done_result(i, row(i), OutputLocation(shard="shard-1", row=n)))
                 for n, i in enumerate(done)]
-    Settler(results).done(finished)
+    Settler(unreachable).done(finished)  # no Redis: the shard writer recorded them
     for i, result in finished:
         assert i.future.result(0) == result
-        assert results.get(i.job.job_id) == as_stored(result)
-        assert client.get(RedisKeys().record(i.job.job_id)).startswith(b"d")  # claim gone
-
-
-def test_done_resolves_nothing_when_the_results_cannot_be_recorded(
-        unreachable: ResultStore) -> None:
-    done = item()
-    with pytest.raises(redis.ConnectionError):
-        Settler(unreachable).done([(done, done_result(done, row(done), None))])
-    assert not done.future.done()
 
 
 def test_a_permanent_failure_is_a_failed_result_in_the_store(results: ResultStore) -> None:
@@ -159,7 +149,7 @@ def test_a_busy_job_is_retried_with_its_busy_error(results: ResultStore) -> None
 def test_an_already_done_job_resolves_from_the_stored_result(results: ResultStore) -> None:
     earlier, again = item(), item()
     stored = done_result(earlier, row(earlier), OutputLocation(shard="old", row=0))
-    results.settle([Settlement(stored)])
+    write_row(results, stored)
     Settler(results).already_done(again)
     assert again.future.result(0) == as_stored(stored)
 
@@ -171,3 +161,10 @@ def test_an_already_done_job_whose_result_vanished_is_retried(results: ResultSto
         gone.future.result(0)
     assert raised.value.code is ErrorCode.TRANSIENT_BROKER
 
+
+
+def write_row(results: ResultStore, result: JobResult) -> None:
+    """What a shard writer leaves for a done job: its record, and its shard committed."""
+    shard = shard_id_of(result.output.shard) if result.output else "s"
+    results.reserve([Reservation(result.job_id, encode_record(result, None))], shard, 30)
+    results.commit(shard, result.output.shard if result.output else "s")

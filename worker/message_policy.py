@@ -209,7 +209,7 @@ class MessagePolicy:
                            model=job.model, source=job.source,
                            error=ErrorInfo(code=code, message=message),
                            timings=Timings(finished_at=time.time()))
-        self._results.settle([Settlement(result, run_id, source=job.source)])
+        self._results.fail([Settlement(result, run_id, source=job.source)])
 
     def _unfinished(self, jobs: list[Job]) -> list[Job]:
         statuses = self._results.statuses([job.job_id for job in jobs])

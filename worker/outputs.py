@@ -3,16 +3,18 @@
 A shard is three objects written in order: embeddings (`.npy`), row-aligned metadata
 (`.parquet`, one `MetadataRow` per row), then the manifest (`.json`, a `ShardManifest`; both
 models are in `schemas/outputs.py`). Readers take only shards that have a manifest. Each
-row is claimed in Redis before it is written, so a job redelivered after a crash, or run on two
-workers at once, ends up in exactly one committed shard.
+row is reserved in Redis before it is written, with the job's whole record, and the shard is
+committed in Redis after its manifest (control/results.py), so a job redelivered after a
+crash, or run on two workers at once, ends up in exactly one committed shard, and its result
+is that row's.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import secrets
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,11 +23,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from control.objects import OutputStore
-from control.results import ResultStore
+from control.results import Claim, Reservation, ResultStore
 from schemas.errors import JobBusy
 from schemas.jobs import Job
 from schemas.keys import ShardPaths
 from schemas.outputs import METADATA_COLUMNS, ColumnType, MetadataRow, ShardManifest
+from schemas.records import encode_done
 from schemas.results import LabelScore, OutputLocation
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,21 @@ class OutputRow:
     etag: str | None
     labels: list[LabelScore] | None
     text_truncated: bool
+    run_id: str | None = None  # the run whose counters the job moves
+    attempts: int = 1
+
+
+def row_record(row: OutputRow, shard: str, finished_at: float) -> bytes:
+    """The record a row's job leaves in Redis (schemas/records.py), its row number left for
+    the reservation to fill in."""
+    keep = row.job.return_embedding
+    dtype = row.job.embedding_dtype
+    return encode_done(
+        run_id=row.run_id, finished_at=finished_at, attempts=row.attempts,
+        dim=int(row.embedding.shape[-1]), shard=shard, row=0, labels=row.labels,
+        truncated=row.text_truncated,
+        embedding=row.embedding.astype("<f2" if dtype == "float16" else "<f4").tobytes()
+        if keep else None, dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -93,8 +111,20 @@ class RowOutcome:
 FRESH_CLAIM_SHARE = 0.25
 
 def new_shard_id() -> str:
-    """Short, since every job's record names its shard; the writer is in the manifest."""
-    return f"{time.strftime('%y%m%d%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:10]}"
+    """16 characters, since every job's record names its shard: the time in milliseconds then
+    41 random bits, both base 36, so that names sort by time and never collide in practice.
+    The writer and the time in words are in the manifest."""
+    return _base36(time.time_ns() // 1_000_000).rjust(8, "0") + _base36(
+        secrets.randbits(41)).rjust(8, "0")
+
+
+def _base36(number: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while number:
+        number, digit = divmod(number, 36)
+        out = digits[digit] + out
+    return out or "0"
 
 
 def _metadata_row(row: int, output: OutputRow) -> MetadataRow:
@@ -161,31 +191,59 @@ class ShardWriter:
     def _write_unique(self, rows: Sequence[OutputRow], modality: str) -> list[RowOutcome]:
         if not rows:
             return []
-        model = rows[0].job.model
-        paths = ShardPaths(model, modality)
+        paths = ShardPaths(rows[0].job.model, modality)
         shard = new_shard_id()
-        claims = self._results.claim([r.job.job_id for r in rows], shard, self._lease_s)
+        now = time.time()
+        wanted = [Reservation(r.job.job_id, row_record(r, shard, now), r.run_id) for r in rows]
+        claims = self._results.reserve(wanted, shard, self._lease_s)
         claimed_at = time.monotonic()
-        dead_shards: dict[str, _CommittedShard | None] = {}
         outcomes: list[RowOutcome | None] = [None] * len(rows)
+        row_of: dict[int, int] = {}
+        stale: list[int] = []
+        dead_shards: dict[str, _CommittedShard | None] = {}
         for i, (row, claim) in enumerate(zip(rows, claims, strict=True)):
-            if claim.state == "done":
-                outcomes[i] = RowOutcome(already_done=True)
-            elif claim.state == "busy":
-                outcomes[i] = RowOutcome(busy=JobBusy(
-                    f"job {row.job.job_id} is being written by shard {claim.previous_shard}",
-                    retry_after_s=claim.retry_after_s))
-            elif claim.state == "taken" and claim.previous_shard:
-                previous = claim.previous_shard
-                if previous not in dead_shards:
-                    dead_shards[previous] = self._committed_shard(paths, previous)
-                committed = dead_shards[previous]
-                outcomes[i] = committed.outcome(row.job) if committed is not None else None
-        pending = [i for i, outcome in enumerate(outcomes) if outcome is None]
-        written = self._commit(paths, shard, [rows[i] for i in pending], claimed_at)
-        for i, location in zip(pending, written, strict=True):
-            outcomes[i] = location
+            if claim.state == "taken" and claim.previous_shard:
+                outcome = self._from_dead_shard(paths, claim.previous_shard, row, dead_shards)
+                if outcome is None:
+                    stale.append(i)
+                outcomes[i] = outcome
+            else:
+                outcomes[i] = self._outcome(row, claim, i, row_of)
+        if stale:
+            # Their writers died before committing: this shard writes them.
+            again = self._results.reserve([wanted[i] for i in stale], shard, self._lease_s,
+                                          first_row=len(row_of), takeover=True)
+            for i, claim in zip(stale, again, strict=True):
+                outcomes[i] = self._outcome(rows[i], claim, i, row_of)
+        order = sorted(row_of, key=row_of.__getitem__)
+        for i, outcome in zip(order, self._commit(paths, shard, [rows[i] for i in order],
+                                                  claimed_at), strict=True):
+            outcomes[i] = outcome
         return [o if o is not None else RowOutcome() for o in outcomes]
+
+    @staticmethod
+    def _outcome(row: OutputRow, claim: Claim, index: int,
+                 row_of: dict[int, int]) -> RowOutcome | None:
+        """None for a row this shard won (numbered in `row_of`), else where the job stands."""
+        if claim.state == "new" and claim.row is not None:
+            row_of[index] = claim.row
+            return None
+        if claim.state == "done":
+            return RowOutcome(already_done=True)
+        return RowOutcome(busy=JobBusy(
+            f"job {row.job.job_id} is being written by shard {claim.previous_shard}",
+            retry_after_s=claim.retry_after_s or 1.0))
+
+    def _from_dead_shard(self, paths: ShardPaths, shard: str, row: OutputRow,
+                         cache: dict[str, _CommittedShard | None]) -> RowOutcome | None:
+        """The job's row in a dead writer's shard, if that shard was committed (then it is
+        committed in Redis too, once); None if it was not."""
+        if shard not in cache:
+            cache[shard] = self._committed_shard(paths, shard)
+            if cache[shard] is not None:
+                self._results.commit(shard, self._store.uri(paths.embeddings(shard)))
+        committed = cache[shard]
+        return committed.outcome(row.job) if committed is not None else None
 
     def _committed_shard(self, paths: ShardPaths, shard: str) -> _CommittedShard | None:
         """A dead writer's shard, read once per write: None unless it was committed (then its
@@ -206,23 +264,37 @@ class ShardWriter:
 
     def _commit(self, paths: ShardPaths, shard: str, rows: Sequence[OutputRow],
                 claimed_at: float) -> list[RowOutcome]:
+        """Write the rows (in their reserved order), then the manifest, then commit the shard
+        in Redis. A shard that cannot be written gives its reservations back at once."""
         if not rows:
             return []
-        self._store.put(paths.embeddings(shard), _npy_bytes(rows))
-        self._store.put(paths.metadata(shard), _parquet_bytes(rows))
-        if time.monotonic() - claimed_at < self._lease_s * FRESH_CLAIM_SHARE:
-            # No other writer takes a claim before its whole lease, and the manifest still
-            # has most of one to land in: no round trip to check.
-            held = [True] * len(rows)
-        else:
-            held = self._results.still_held([r.job.job_id for r in rows], shard)
-        if not all(held):
-            # Our lease ran out and another writer took some rows: rewrite without them.
-            survivors = [r for r, ok in zip(rows, held, strict=True) if ok]
-            kept = iter(self._commit(paths, shard, survivors, claimed_at))
-            lost = RowOutcome(busy=JobBusy("claim lost to another writer", retry_after_s=1.0))
-            return [next(kept) if ok else lost for ok in held]
-        self._store.put(paths.manifest(shard),
-                        _manifest(paths, shard, rows, self._worker).model_dump_json().encode())
+        job_ids = [r.job.job_id for r in rows]
+        try:
+            self._store.put(paths.embeddings(shard), _npy_bytes(rows))
+            self._store.put(paths.metadata(shard), _parquet_bytes(rows))
+            if time.monotonic() - claimed_at < self._lease_s * FRESH_CLAIM_SHARE:
+                # No other writer takes a reservation before its whole lease, and the
+                # manifest still has most of one to land in: no round trip to check.
+                held = [True] * len(rows)
+            else:
+                held = self._results.still_held(job_ids, shard)
+            if not all(held):
+                # The lease ran out and another writer took some rows; their row numbers are
+                # in the records, so the shard is not rewritten without them: it is dropped.
+                self._results.release(job_ids, shard)
+                lost = JobBusy("reservation lost to another writer", retry_after_s=1.0)
+                return [RowOutcome(busy=lost) for _ in rows]
+            manifest = _manifest(paths, shard, rows, self._worker)
+            self._store.put(paths.manifest(shard), manifest.model_dump_json().encode())
+        except BaseException:
+            self._release_quietly(job_ids, shard)
+            raise
         uri = self._store.uri(paths.embeddings(shard))
+        self._results.commit(shard, uri)
         return [RowOutcome(location=OutputLocation(shard=uri, row=i)) for i in range(len(rows))]
+
+    def _release_quietly(self, job_ids: list[str], shard: str) -> None:
+        try:
+            self._results.release(job_ids, shard)
+        except Exception:
+            log.warning("could not release the reservations of shard %s", shard, exc_info=True)

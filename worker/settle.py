@@ -61,8 +61,7 @@ class Settler:
         self._results = results
 
     def done(self, finished: Sequence[tuple[Item, JobResult]]) -> None:
-        """Record the results (which releases the jobs' claims), then resolve their futures."""
-        self._results.settle([settlement(item, result) for item, result in finished])
+        """Resolve the futures of jobs whose rows are committed (their records with them)."""
         for item, result in finished:
             item.future.set_result(result)
 
@@ -93,7 +92,7 @@ class Settler:
 
     def _record_failure(self, item: Item, result: JobResult) -> None:
         try:
-            self._results.settle([settlement(item, result)])
+            self._results.fail([settlement(item, result)])
         except Exception as write_exc:  # noqa: BLE001 - the job is retried instead
             self.retry(item, TransientError(f"recording the failure failed: {write_exc}",
                                             code=ErrorCode.TRANSIENT_BROKER))

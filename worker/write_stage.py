@@ -53,6 +53,7 @@ class WriteStage:
 
 
 def _rows(batch: EncodedBatch) -> list[OutputRow]:
-    return [OutputRow(item.job, vector, item.etag, labels, truncated)
+    return [OutputRow(item.job, vector, item.etag, labels, truncated, item.run_id,
+                      item.attempts)
             for item, vector, labels, truncated
             in zip(batch.items, batch.embeddings, batch.labels, batch.truncated, strict=True)]
