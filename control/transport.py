@@ -50,6 +50,29 @@ class EnqueueNotReplicated(RuntimeError):
     Celery (it is not a connection error), since the message is already on the queue."""
 
 
+def push_replicated(client: Any, messages: list[tuple[str, bytes | str]], replicas: int,
+                    timeout_ms: int, tries: int = 3) -> None:
+    """LPUSH each (queue, message) in one round trip, then, with `replicas`, WAIT until that
+    many replicas have them, on the same connection; raises `EnqueueNotReplicated` if they do
+    not in `tries` waits."""
+    with client.pipeline(transaction=False) as pipe:
+        for queue, raw in messages:
+            pipe.lpush(queue, raw)
+        if replicas:
+            pipe.execute_command("WAIT", replicas, timeout_ms)
+        replies = pipe.execute()
+        acked = replies[-1] if replicas else 0
+        for _ in range(tries - 1):
+            if not replicas or int(acked) >= replicas:
+                return
+            # Only WAIT again, on the same connection: publishing again would duplicate.
+            acked = pipe.execute_command("WAIT", replicas, timeout_ms)
+    if replicas and int(acked) < replicas:
+        raise EnqueueNotReplicated(
+            f"the enqueue reached {acked} of {replicas} replicas in {tries} × {timeout_ms} ms: "
+            "it may be lost at a failover; submit it again (jobs are idempotent)")
+
+
 class InflightQoS(kombu_redis.QoS):
     """Acknowledgement against the channel's in-flight list instead of kombu's unacked hash."""
 
@@ -239,21 +262,9 @@ class InflightChannel(kombu_redis.Channel):
         if not self.replicas_to_ack or kwargs.get("_publish_batch") is not None:
             super()._put(queue, message, **kwargs)
             return
-        with self.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
-            pipe.lpush(queue, dumps(message))
-            pipe.execute_command("WAIT", self.replicas_to_ack, self.replicas_ack_timeout_ms)
-            _, replicas = pipe.execute()
-            for _ in range(self.replicas_ack_tries - 1):
-                if int(replicas) >= self.replicas_to_ack:
-                    return
-                # Only WAIT again, on the same connection: publishing again would duplicate.
-                replicas = pipe.execute_command("WAIT", self.replicas_to_ack,
-                                                self.replicas_ack_timeout_ms)
-        if int(replicas) < self.replicas_to_ack:
-            raise EnqueueNotReplicated(
-                f"the enqueue reached {replicas} of {self.replicas_to_ack} replicas in "
-                f"{self.replicas_ack_tries} × {self.replicas_ack_timeout_ms} ms: it may be "
-                "lost at a failover; submit it again (jobs are idempotent)")
+        with self.conn_or_acquire() as client:
+            push_replicated(client, [(queue, dumps(message))], self.replicas_to_ack,
+                            self.replicas_ack_timeout_ms, self.replicas_ack_tries)
 
     # Settling ----------------------------------------------------------------------------
     @property

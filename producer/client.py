@@ -10,14 +10,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
+from typing import Any
 
 from celery import Celery
 
 from control.broker import producer_app
 from control.connections import redis_client
+from control.publish import TaskPublisher
 from control.results import ResultStore, RunStore
 from schemas.jobs import MAX_JOBS_PER_MESSAGE, Job, Task, ZeroShotOptions, pack_message
-from schemas.keys import TASK_NAME, RedisKeys, queue_name
+from schemas.keys import RedisKeys, queue_name
 from schemas.results import JobResult, RunProgress, Status
 from schemas.settings import Settings
 
@@ -29,6 +31,7 @@ def _chunks(items: Iterable[Job], size: int) -> Iterator[list[Job]]:
 
 
 PRODUCER_REDIS_RETRIES = 40
+MESSAGES_PER_TRIP = 16
 RUN_POLL_S = 0.25
 
 
@@ -45,6 +48,7 @@ class Client:
         self.keys = RedisKeys(settings.key_prefix)
         self.results = ResultStore(self.redis, self.keys, settings.result_ttl_s)
         self.runs = RunStore(self.redis, self.keys, settings.result_ttl_s)
+        self.publisher = TaskPublisher(self.redis, settings)
 
     # Building jobs -------------------------------------------------------------------------
     def _model(self, model: str | None) -> str:
@@ -81,36 +85,40 @@ class Client:
         Without a run, each job gets a `queued` record, and one already queued, being
         written or done (same id) is not sent again, unless `skip_done=False`. Under a run,
         jobs get no record until they settle: those done or in progress are skipped, and the
-        run counts what was sent (`run_progress`), unless
-        `count_in_run` is False (jobs it counted before, replayed from the dead-letter store)."""
+        run counts what was sent (`run_progress`), unless `count_in_run` is False (jobs it
+        counted before, replayed from the dead-letter store). Jobs go out `MESSAGES_PER_TRIP`
+        messages at a time: one round trip to check them, one to publish, one to count."""
         per_message = max(1, min(per_message, MAX_JOBS_PER_MESSAGE))
         ids: list[str] = []
-        with self.app.producer_or_acquire() as producer:
-            for chunk in _chunks(jobs, per_message):
-                ids += self._send_chunk(chunk, producer, run_id if count_in_run else None,
-                                        skip_done, message_run=run_id)
+        for group in _chunks(jobs, per_message * MESSAGES_PER_TRIP):
+            ids += self._send_group(group, per_message, run_id, skip_done, count_in_run)
         return ids
 
-    def _send_chunk(self, chunk: list[Job], producer: object, run_id: str | None,
-                    skip_done: bool, message_run: str | None) -> list[str]:
-        ids = [job.job_id for job in chunk]
-        if message_run is None:
-            todo = [job for job, fresh in zip(chunk, self.results.enqueue(
-                ids, resend=not skip_done), strict=True) if fresh]
+    def _send_group(self, group: list[Job], per_message: int, run_id: str | None,
+                    skip_done: bool, count_in_run: bool) -> list[str]:
+        ids = [job.job_id for job in group]
+        if run_id is None:
+            fresh = self.results.enqueue(ids, resend=not skip_done)
         else:
-            statuses = self.results.states(ids) if skip_done else [None] * len(ids)
-            todo = [job for job, status in zip(chunk, statuses, strict=True)
-                    if status in (None, Status.FAILED)]
-        by_model: dict[str, list[Job]] = {}
-        for job in todo:
-            by_model.setdefault(job.model, []).append(job)
-        for model, model_jobs in by_model.items():
-            self.app.send_task(TASK_NAME, args=[pack_message(model_jobs, message_run)],
-                               queue=queue_name(model), producer=producer)
-        if run_id is not None:
+            states = self.results.states(ids) if skip_done else [None] * len(ids)
+            fresh = [state in (None, Status.FAILED) for state in states]
+        messages: list[tuple[str, dict[str, Any]]] = []
+        sent = 0
+        for start in range(0, len(group), per_message):
+            chunk = [job for job, send in zip(group[start:start + per_message],
+                                              fresh[start:start + per_message], strict=True)
+                     if send]
+            by_model: dict[str, list[Job]] = {}
+            for job in chunk:
+                by_model.setdefault(job.model, []).append(job)
+            messages += [(queue_name(model), pack_message(model_jobs, run_id))
+                         for model, model_jobs in by_model.items()]
+            sent += len(chunk)
+        self.publisher.publish(messages)
+        if run_id is not None and count_in_run:
             # After publishing: a producer killed in between sends these again when the run
             # resumes, and counts them then; the second copies settle nothing new.
-            self.runs.queued(run_id, len(todo), cursor=chunk[-1].source)
+            self.runs.queued(run_id, sent, cursor=group[-1].source)
         return ids
 
     # Results -------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from producer.cli import dlq
 from schemas.errors import ErrorCode
 from schemas.jobs import Job, Task
 from schemas.keys import RedisKeys, queue_name
+from tests.fixtures.faults import message_jobs
 
 MODEL = "openclip:local-dir:/models/tiny"
 
@@ -79,6 +80,4 @@ def test_a_named_letter_that_cannot_be_replayed_fails_the_command(
 
 
 def _jobs(raw: bytes) -> list[dict[str, Any]]:
-    body = json.loads(base64.b64decode(json.loads(raw)["body"]))
-    jobs: list[dict[str, Any]] = body[0][0]["jobs"]
-    return jobs
+    return message_jobs(raw)

@@ -72,9 +72,20 @@ def test_bulk_over_a_bucket_labels_every_image_and_stores_exact_embeddings(
                        model=settings.model),
         cwd=REPO, capture_output=True, text=True, timeout=300, check=True)
     run_id = cli.stdout.split()[1].rstrip(":")
+    summary = json.loads(cli.stdout.strip().splitlines()[-1])
+    assert summary == {"run": run_id, "queued": 12, "done": 12, "failed": 0,
+                       "failed_by_code": {}, "listed": True, "finished": True}
     client = Client(settings)
-    ids = client.run_job_ids(run_id)
+    request = BulkRequest(source=f"s3://{bucket}/photos/", model=settings.model,
+                          zero_shot=ZeroShotOptions(labels=LABELS))
+    assert request.run_id == run_id
+    from control.connections import s3_client
+
+    jobs = list(jobs_for(request, list_sources(request.source, request.suffixes,
+                                               s3_client(settings))))
+    ids = [job.job_id for job in jobs]
     assert len(ids) == 12  # the .txt key is filtered out by suffix
+    source_of = {job.job_id: job.source for job in jobs}
     results = client.wait(ids, timeout=60)
     assert all(r.status is Status.DONE for r in results)
     assert all(r.labels and {s.label for s in r.labels} <= set(LABELS) for r in results)
@@ -86,7 +97,7 @@ def test_bulk_over_a_bucket_labels_every_image_and_stores_exact_embeddings(
         key = f"embeddings/{ShardPaths(settings.model, 'image').directory}/{manifest['embeddings']}"
         array = np.load(io.BytesIO(s3.get_object(Bucket=bucket, Key=key)["Body"].read()))
         for row, job_id in enumerate(manifest["jobs"]):
-            source = next(r.source for r in results if r.job_id == job_id)
+            source = source_of[job_id]
             np.testing.assert_allclose(array[row], by_source[source], atol=1e-5)
             stored += 1
     assert stored == 12

@@ -1,0 +1,45 @@
+"""The fast publisher sends the messages Celery's `send_task` would (control/publish.py)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis
+
+from control.broker import producer_app
+from control.publish import TaskPublisher
+from schemas.jobs import Job, Task, pack_message
+from schemas.keys import TASK_NAME, queue_name
+from schemas.settings import Settings
+
+_PER_MESSAGE = {"id", "root_id", "correlation_id", "delivery_tag", "origin", "reply_to"}
+
+
+def _fields(raw: bytes) -> dict[str, Any]:
+    """A stored message, less what differs from one message to the next."""
+    envelope = json.loads(raw)
+    headers = {k: v for k, v in envelope.pop("headers").items() if k not in _PER_MESSAGE}
+    properties = {k: v for k, v in envelope.pop("properties").items() if k not in _PER_MESSAGE}
+    return {**envelope, "body": json.loads(envelope["body"]), "headers": headers,
+            "properties": properties}
+
+
+def test_a_published_message_is_the_one_send_task_sends(redis_url: str) -> None:
+    settings = Settings(redis_url=redis_url, model="m")
+    client = redis.Redis.from_url(redis_url)
+    queue = queue_name("m")
+    argument = pack_message([Job(task=Task.TEXT_EMBEDDING, text=f"t{i}", model="m")
+                             for i in range(3)], "run-1")
+    app = producer_app(settings)
+    with app.producer_or_acquire() as producer:
+        app.send_task(TASK_NAME, args=[argument], queue=queue, producer=producer,
+                      argsrepr="[<3 jobs>]", kwargsrepr="{}")
+    TaskPublisher(client, settings).publish([(queue, argument), (queue, argument)])
+    celery_made, *ours = [_fields(raw) for raw in client.lrange(queue, 0, -1)[::-1]]
+    assert ours == [celery_made, celery_made]
+    raw = json.loads(client.lindex(queue, 0))
+    assert raw["headers"]["id"] == raw["headers"]["root_id"] == raw["properties"][
+        "correlation_id"]
+    assert raw["properties"]["delivery_tag"] != json.loads(client.lindex(queue, 1))[
+        "properties"]["delivery_tag"]
