@@ -258,6 +258,8 @@ def test_chaos_kills_503s_and_a_redis_restart_lose_and_duplicate_nothing(
         ("lost", "failed", "duplicate_rows", "unknown_rows", "differences", "missing_rows"), 0
     ), report
     assert report["done"] == len(ids), report
+    progress = client.run_progress("run-chaos")
+    assert (progress.queued, progress.done, progress.failed) == (JOBS, JOBS, 0), progress
     assert report["last_job_after_last_kill_s"] <= CLAIM_LEASE_S + RECOVERY_MARGIN_S, report
     broker = server.client()
     assert broker.llen(queue_name(model)) == 0 and held_messages(broker) == []

@@ -7,7 +7,6 @@ stay open and silent, as behind a partition), then forwards again.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import socket
@@ -26,7 +25,13 @@ from schemas.jobs import Job, Task
 from schemas.keys import ShardPaths, queue_name
 from schemas.results import Status
 from schemas.settings import Settings
-from tests.fixtures.faults import SLOW_FORWARD_ENV, held_messages, wait_for, worker_launcher
+from tests.fixtures.faults import (
+    SLOW_FORWARD_ENV,
+    held_messages,
+    message_jobs,
+    wait_for,
+    worker_launcher,
+)
 
 pytestmark = pytest.mark.timeout(300)
 _ = worker_launcher  # a fixture
@@ -92,8 +97,7 @@ def proxy(redis_url: str) -> Iterator[SilentProxy]:
 
 
 def job_ids(raw: bytes) -> set[str]:
-    body = json.loads(base64.b64decode(json.loads(raw)["body"]))
-    return {Job.model_validate(job).job_id for job in body[0][0]["jobs"]}
+    return {Job.model_validate(job).job_id for job in message_jobs(raw)}
 
 
 def test_a_worker_cut_off_longer_than_the_visibility_timeout_duplicates_nothing(

@@ -32,6 +32,7 @@ from tests.fixtures.faults import (
     KILL_ON_ENV,
     RAISE_ON_ENV,
     celery_message,
+    message_jobs,
     wait_for,
     worker_launcher,
 )
@@ -144,10 +145,7 @@ def test_a_message_whose_handling_raises_on_every_delivery_is_dead_lettered_neve
     assert worker.process.poll() is None
 
 def _job_ids(raw: bytes) -> list[str]:
-    import base64
-
-    body = json.loads(base64.b64decode(json.loads(raw)["body"]))
-    return [Job.model_validate(job).job_id for job in body[0][0]["jobs"]]
+    return [Job.model_validate(job).job_id for job in message_jobs(raw)]
 
 
 # --- the rules, in one process -------------------------------------------------------------
