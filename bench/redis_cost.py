@@ -7,20 +7,20 @@ A private redis-server, a tiny OpenCLIP model and a real `dualstream worker`. Bu
 zero-shot over small local JPEGs, `--labels` labels, no embedding kept in Redis, packed
 `--per-message` per message under one run id, as `dualstream bulk` sends them.
 
-1. Enqueue, with no worker: `INFO commandstats` before and after gives the producer's commands
-   and Redis CPU (`usec`) per job; `used_memory` before and after gives the bytes a queued job
-   holds (its share of its message included).
-2. A worker runs the queue to the end: the same counters give the worker's commands and Redis
-   CPU per job; `used_memory` then gives what a finished job keeps (its record; the queue is
-   empty again). The worker's background traffic (heartbeats, sweeps) while it works is
-   included, as it is part of the cost. The bench waits on the run's counters (one HGETALL a
-   second; subtracted).
-3. Single submissions (`--singles`, default 64), one message each, each read back once: the
+1. Enqueue, with no worker: Redis's CPU time (`INFO cpu`, less its idle rate) and its
+   commands by name (`INFO commandstats`) per job; the bytes a queued job holds (its share of
+   its message), from the keyspace: every key's `MEMORY USAGE` and the hash tables.
+2. A ready worker runs the queue to the end: the same per job, less what the worker costs
+   Redis while idle (heartbeats, blocking fetches: measured after, per second, and reported);
+   then the bytes a finished job keeps (the queue empty again). The bench watches the queue
+   and the in-flight lists only (a few commands a second, subtracted).
+3. Single submissions (`--singles`, default 64), one message each, read back once each: the
    commands each costs, by name.
 
-`--baseline REV` first measures the code at git revision REV the same way (its own
-`bench/redis_cost.py`, in a temporary worktree), so that old and new are side by side in one
-run and one report.
+Script time (`evalsha`) includes the commands scripts call, which `commandstats` also counts
+under their own names, so CPU comes from the process, not from summing commands.
+`--baseline REV` first measures the code at git revision REV with this same file (in a
+temporary worktree, first on the path): old and new side by side, in one run and one report.
 
 The targets (issue 11, docs/scaling.md): ≤ 5 µs of Redis CPU per bulk job, producer and worker
 together; ≤ 200 bytes per queued and ≤ 256 bytes per finished bulk job.
@@ -47,7 +47,7 @@ from bench.models import DEFAULT_CACHE, model_spec
 from bench.procs import clean_env, start_watched, wait_until
 from producer.client import Client
 from schemas.jobs import Job, Task, ZeroShotOptions
-from schemas.keys import RedisKeys
+from schemas.keys import RedisKeys, queue_name
 from schemas.results import Status
 from schemas.settings import Settings
 from worker.local import start_redis_server
@@ -70,25 +70,53 @@ def _commandstats(client: redis.Redis) -> dict[str, tuple[int, float]]:
             for name, v in stats.items()}
 
 
-def _per_job(before: dict[str, tuple[int, float]], after: dict[str, tuple[int, float]],
-             jobs: int, exclude: set[str], ours: Counter[str] | None = None) -> dict[str, Any]:
-    """Per job, less the commands named in `exclude` and the `ours` calls this bench made
-    itself (their CPU taken at the command's average)."""
-    ours = ours or Counter()
-    calls = {name: after[name][0] - before.get(name, (0, 0.0))[0] for name in after
-             if name not in exclude}
-    usec = {name: after[name][1] - before.get(name, (0, 0.0))[1] for name in after
-            if name not in exclude}
-    for name, own in ours.items():
-        if calls.get(name):
-            usec[name] -= usec[name] * min(1.0, own / calls[name])
-            calls[name] -= own
-    return {
-        "commands_per_job": round(sum(calls.values()) / jobs, 3),
-        "redis_cpu_us_per_job": round(sum(usec.values()) / jobs, 3),
-        "by_command": {name: round(n / jobs, 3) for name, n in
-                       sorted(calls.items(), key=lambda kv: -kv[1]) if n},
-    }
+def _cpu_s(client: redis.Redis) -> float:
+    """The redis-server process's CPU time so far (user + system)."""
+    cpu: dict[str, Any] = client.info("cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
+def _idle_rate(client: redis.Redis, seconds: float = 3.0) -> float:
+    """Redis CPU seconds per second with nothing to do but what is connected now."""
+    start = _cpu_s(client)
+    time.sleep(seconds)
+    return (_cpu_s(client) - start) / seconds
+
+
+class _Phase:
+    """One side's cost: Redis's CPU time (less `idle_rate` × the phase's length), and its
+    commands by name, less `exclude` and this bench's own `ours`."""
+
+    def __init__(self, client: redis.Redis, idle_rate: float) -> None:
+        self._client = client
+        self._idle_rate = idle_rate
+        client.config_resetstat()
+        self._stats = _commandstats(client)
+        self._cpu = _cpu_s(client)
+        self._start = time.monotonic()
+
+    def per_job(self, jobs: int, exclude: set[str],
+                ours: Counter[str] | None = None) -> dict[str, Any]:
+        cpu = _cpu_s(self._client) - self._cpu
+        elapsed = time.monotonic() - self._start
+        after = _commandstats(self._client)
+        calls = {name: after[name][0] - self._stats.get(name, (0, 0.0))[0] for name in after
+                 if name not in exclude}
+        for name, own in (ours or Counter()).items():
+            calls[name] = calls.get(name, 0) - own
+        return {
+            "commands_per_job": round(sum(calls.values()) / jobs, 3),
+            "redis_cpu_us_per_job": round(max(0.0, cpu - self._idle_rate * elapsed) * 1e6
+                                          / jobs, 3),
+            "redis_cpu_us_per_job_with_idle": round(cpu * 1e6 / jobs, 3),
+            "seconds": round(elapsed, 1),
+            # Script time includes the commands a script calls, which count again under
+            # their own names: the sum double counts, so it is reported apart.
+            "evalsha_usec_per_job": round((after.get("evalsha", (0, 0.0))[1]
+                                           - self._stats.get("evalsha", (0, 0.0))[1]) / jobs, 3),
+            "by_command": {name: round(n / jobs, 3) for name, n in
+                           sorted(calls.items(), key=lambda kv: -kv[1]) if n},
+        }
 
 
 def measure(jobs: int, per_message: int, labels: int, singles: int,
@@ -108,6 +136,31 @@ def measure(jobs: int, per_message: int, labels: int, singles: int,
         server.stop()
 
 
+def _worker(url: str, model: str, workdir: Path, log: str) -> Any:
+    return start_watched(
+        ["-m", "dualstream.cli", "worker", "--loglevel", "WARNING"],
+        clean_env({"redis_url": url, "model": model, "local_root": str(workdir),
+                   "output_uri": (workdir / "out").as_uri(),
+                   "health_dir": str(workdir / "health"), "max_batch_items": 64}, 2),
+        workdir / log)
+
+
+def _ready(workdir: Path) -> bool:
+    """The worker's readiness probe file (worker/health.py), fresh."""
+    probe = workdir / "health" / "ready"
+    return probe.exists() and time.time() - probe.stat().st_mtime < 5
+
+
+def _drained(client: redis.Redis, queue: str, polls: Counter[str]) -> bool:
+    """Nothing waits on the queue and no consumer holds a message (control/inflight.py):
+    three or so commands a poll, however many jobs, so the bench's own reads stay small."""
+    time.sleep(1.0)
+    held = client.zrange(RedisKeys().consumers, 0, -1)
+    polls["llen"] += 1 + len(held)
+    polls["zrange"] += 1
+    return client.llen(queue) == 0 and all(client.llen(key) == 0 for key in held)
+
+
 def _measure(url: str, model: str, paths: list[str], per_message: int, labels: int,
              singles: int, workdir: Path) -> dict[str, Any]:
     client = redis.Redis.from_url(url)
@@ -115,58 +168,49 @@ def _measure(url: str, model: str, paths: list[str], per_message: int, labels: i
     options = ZeroShotOptions(labels=LABELS[:labels], top_k=labels)
     jobs = [Job(task=Task.ZERO_SHOT, image=path, model=model, zero_shot=options,
                 return_embedding=False) for path in paths]
-    exclude = {"info", "config|resetstat", "ping"}
+    exclude = {"info", "config|resetstat", "ping", "memory|usage", "memory|stats", "scan"}
 
     _connect(producer)  # so that memory before and after holds the same connections
-    client.config_resetstat()
+    idle = _idle_rate(client)
     memory_empty = int(client.info("memory")["used_memory"])
     keys_empty = _key_bytes(client)
-    before = _commandstats(client)
+    phase = _Phase(client, idle)
     ids = producer.submit_many(jobs, per_message=per_message, run_id=RUN)
-    produced = _per_job(before, _commandstats(client), len(ids), exclude)
+    produced = phase.per_job(len(ids), exclude)
     time.sleep(1)  # connections' buffers shrink back
     memory_queued = int(client.info("memory")["used_memory"])
     keys_queued = _key_bytes(client)
 
-    client.config_resetstat()
-    before = _commandstats(client)
-    worker = start_watched(
-        ["-m", "dualstream.cli", "worker", "--loglevel", "WARNING"],
-        clean_env({"redis_url": url, "model": model, "local_root": str(workdir),
-                   "output_uri": (workdir / "out").as_uri(),
-                   "health_dir": str(workdir / "health"), "max_batch_items": 64}, 2),
-        workdir / "worker.log")
     polls: Counter[str] = Counter()
-    watcher = Client(Settings(redis_url=url, model=model))
-
-    def run_settled() -> bool:
-        time.sleep(1.0)  # the bench's own polling: one HGETALL a second, subtracted
-        polls["hgetall"] += 1
-        return watcher.run_progress(RUN).settled >= len(ids)
-
+    worker = _worker(url, model, workdir, "worker.log")
     try:
-        wait_until(run_settled, worker, 600, "every job done")
-        worked = _per_job(before, _commandstats(client), len(ids), exclude, polls)
+        wait_until(lambda: _ready(workdir), worker, 300, "the worker ready")
+        phase = _Phase(client, 0.0)
+        wait_until(lambda: _drained(client, queue_name(model), polls), worker, 900,
+                   "every message handled")
+        raw = phase.per_job(len(ids), exclude, polls)
+        worker_idle = _idle_rate(client)  # its heartbeats and blocking fetches, with no work
+        worked = {**raw, "redis_cpu_us_per_job": round(max(
+            0.0, raw["redis_cpu_us_per_job_with_idle"] - worker_idle * raw["seconds"] * 1e6
+            / len(ids)), 3), "idle_cpu_share": round(worker_idle, 4)}
     finally:
         worker.stop()
-    watcher.redis.connection_pool.disconnect()
+    statuses = producer.results.statuses(ids)
     time.sleep(1)
     memory_done = int(client.info("memory")["used_memory"])
     keys_done = _key_bytes(client)
-    worker = start_watched(
-        ["-m", "dualstream.cli", "worker", "--loglevel", "WARNING"],
-        clean_env({"redis_url": url, "model": model, "local_root": str(workdir),
-                   "output_uri": (workdir / "out").as_uri(),
-                   "health_dir": str(workdir / "health"), "max_batch_items": 64}, 2),
-        workdir / "worker-singles.log")
+    (workdir / "health" / "ready").unlink(missing_ok=True)
+    worker = _worker(url, model, workdir, "worker-singles.log")
     try:
-        fresh = Client(Settings(redis_url=url, model=model))
-        single = _singles(client, fresh, model, singles, worker, exclude)
+        single = _singles(client, Client(Settings(redis_url=url, model=model)), model, singles,
+                          worker, workdir, exclude)
     finally:
         worker.stop()
     keys = RedisKeys()
+    record_key = getattr(keys, "record", None) or getattr(keys, "result")  # noqa: B009
     return {
         "jobs": len(ids), "per_message": per_message, "labels": labels,
+        "done": sum(s is Status.DONE for s in statuses),
         "producer": produced, "worker": worked, "singles": single,
         "redis_cpu_us_per_job": round(produced["redis_cpu_us_per_job"]
                                       + worked["redis_cpu_us_per_job"], 3),
@@ -176,8 +220,7 @@ def _measure(url: str, model: str, paths: list[str], per_message: int, labels: i
         "bytes_per_finished_job": round((keys_done - keys_empty) / len(ids), 1),
         "used_memory_per_queued_job": round((memory_queued - memory_empty) / len(ids), 1),
         "used_memory_per_finished_job": round((memory_done - memory_empty) / len(ids), 1),
-        "record_bytes": client.memory_usage(keys.record(ids[0])),
-        "run": watcher.run_progress(RUN).model_dump(),
+        "record_bytes": client.memory_usage(record_key(ids[0]), samples=0),
     }
 
 
@@ -200,26 +243,24 @@ def _connect(producer: Client) -> None:
 
 
 def _singles(client: redis.Redis, producer: Client, model: str, count: int, worker: Any,
-             exclude: set[str]) -> dict[str, Any]:
+             workdir: Path, exclude: set[str]) -> dict[str, Any]:
     """Single text submissions, one message each, with their embedding kept; each read once
-    when all are done."""
+    when all are done. Commands only: they are too few for CPU figures."""
     jobs = [Job(task=Task.TEXT_EMBEDDING, text=f"a single text, number {i}", model=model)
             for i in range(count)]
-    client.config_resetstat()
-    before = _commandstats(client)
+    wait_until(lambda: _ready(workdir), worker, 300, "the worker ready")
+    phase = _Phase(client, 0.0)
     ids = [producer.submit(job) for job in jobs]
     polls: Counter[str] = Counter()
-
-    def all_done() -> bool:
-        time.sleep(0.5)
-        polls["mget"] += 1
-        return all(s is Status.DONE for s in producer.results.statuses(ids))
-
-    wait_until(all_done, worker, 300, "every single job done")
+    wait_until(lambda: _drained(client, queue_name(model), polls), worker, 300,
+               "every single job handled")
     results = [producer.results.get(job_id) for job_id in ids]
-    cost = _per_job(before, _commandstats(client), count, exclude, polls)
-    return {**cost, "jobs": count,
-            "record_bytes_with_embedding": client.memory_usage(RedisKeys().record(ids[0])),
+    cost = phase.per_job(count, exclude, polls)
+    keys = RedisKeys()
+    record_key = getattr(keys, "record", None) or getattr(keys, "result")  # noqa: B009
+    return {**cost, "jobs": count, "done": sum(r is not None and r.status is Status.DONE
+                                               for r in results),
+            "record_bytes_with_embedding": client.memory_usage(record_key(ids[0]), samples=0),
             "embedding_dim": results[0].embedding_dim if results[0] else None}
 
 
@@ -257,7 +298,8 @@ def render(report: dict[str, Any], baseline: dict[str, Any] | None = None) -> st
 
 
 def _baseline(revision: str, args: argparse.Namespace) -> dict[str, Any]:
-    """The same measurement by the code at `revision`, in a temporary git worktree."""
+    """The same measurement, by this file, of the code at `revision` (in a temporary git
+    worktree, first on the path): old and new measured the same way, in one run."""
     repo = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory(prefix="ds-redis-cost-base-") as tmp:
         tree, out = Path(tmp) / "tree", Path(tmp) / "report.json"
@@ -265,10 +307,10 @@ def _baseline(revision: str, args: argparse.Namespace) -> dict[str, Any]:
                         revision], check=True, capture_output=True)
         try:
             env = {**os.environ, "PYTHONPATH": str(tree)}
-            subprocess.run([sys.executable, "-m", "bench.redis_cost", "--jobs", str(args.jobs),
-                            "--per-message", str(args.per_message), "--labels",
-                            str(args.labels), "--json", str(out)], cwd=tree, env=env,
-                           check=True)
+            subprocess.run([sys.executable, str(Path(__file__).resolve()), "--jobs",
+                            str(args.jobs), "--per-message", str(args.per_message),
+                            "--labels", str(args.labels), "--singles", str(args.singles),
+                            "--json", str(out)], cwd=tree, env=env, check=True)
             report: dict[str, Any] = json.loads(out.read_text())
         finally:
             subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force",
