@@ -8,9 +8,10 @@ holds the shard's URI from the moment its manifest is written. Until then it is 
 claim: another writer finds it busy, or, once its lease is over, takes it over after checking
 whether the dead writer's shard was committed after all. Each step is one Lua script per batch:
 
-- `reserve`: one `SET NX` per bulk job; a job with a record is looked at: done (its shard is
-  committed), busy, or taken over. The rows are numbered as they are won. What the jobs add to
-  their runs' counters is kept with the shard (`ds:shard:<id>:runs`) until it is committed.
+- `reserve`: one `SET NX` per bulk job (its row number comes back); a job with a record is
+  looked at: done (its shard is committed), busy, or taken over. The rows are numbered as they
+  are won. What the jobs add to their runs' counters is kept with the shard
+  (`ds:shardruns:<id>`) until it is committed.
 - `commit`: sets the shard's key, once, and only then adds its counts to the runs: a job is
   counted when its row is committed, once, whoever commits it (its writer, or the writer that
   finds a dead one's shard committed).
@@ -86,17 +87,17 @@ local shard, now, lease, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), AR
 local row, takeover, n, runs = tonumber(ARGV[5]), ARGV[6] == '1', tonumber(ARGV[7]),
   tonumber(ARGV[8])
 local shard_prefix = ARGV[9]
-local pending, out = {}, {}
+local pending, won, out = {}, {}, {}
 local function count(run, field, by)
   local name = ARGV[9 + 2 * n + run] .. '\t' .. field
   pending[name] = (pending[name] or 0) + by
 end
 local function win(i, key, record, run, old)
   redis.call('SET', key, with_row(record, row), 'EX', ttl)
-  out[i] = 'new:' .. row
+  out[i] = row
   row = row + 1
   if run > 0 then
-    count(run, 'done', 1)
+    won[run] = (won[run] or 0) + 1
     if old and same_run(old, record) and string.sub(old, 1, 1) == 'f' then
       count(run, 'failed', -1)
       count(run, 'failed:' .. failed_code(old), -1)
@@ -106,9 +107,9 @@ end
 for i = 1, n do
   local key, record, run = KEYS[i], ARGV[8 + 2 * i], tonumber(ARGV[9 + 2 * i])
   if redis.call('SET', key, with_row(record, row), 'NX', 'EX', ttl) then
-    out[i] = 'new:' .. row
+    out[i] = row  -- the common case: a job with no record yet
     row = row + 1
-    if run > 0 then count(run, 'done', 1) end
+    if run > 0 then won[run] = (won[run] or 0) + 1 end
   else
     local old = redis.call('GET', key)
     local state = old and string.sub(old, 1, 1)
@@ -135,6 +136,7 @@ for i = 1, n do
     end
   end
 end
+for run, jobs in pairs(won) do count(run, 'done', jobs) end
 local flat = {}
 for name, by in pairs(pending) do
   if by ~= 0 then
@@ -287,7 +289,9 @@ class Settlement:
     source: str = ""
 
 
-def _parse_claim(raw: bytes, now_ms: int, lease_ms: int) -> Claim:
+def _parse_claim(raw: bytes | int, now_ms: int, lease_ms: int) -> Claim:
+    if isinstance(raw, int):
+        return Claim("new", row=raw)
     text = raw.decode()
     state, _, rest = text.partition(":")
     if state == "busy":
@@ -295,8 +299,6 @@ def _parse_claim(raw: bytes, now_ms: int, lease_ms: int) -> Claim:
         return Claim("busy", shard, max(0.05, (int(at) + lease_ms - now_ms) / 1000))
     if state == "taken":
         return Claim("taken", rest)
-    if state == "new":
-        return Claim("new", row=int(rest))
     return Claim(state)
 
 
