@@ -19,7 +19,7 @@ from tests.fixtures.faults import message_jobs, wait_for
 from tests.fixtures.services import REPO, worker_env
 
 MODEL = "some-org/some-model"
-FILES = 300
+FILES = 20_000  # enough that the first run is still listing when it is killed
 
 
 def bulk(folder: Path, redis_url: str) -> subprocess.Popen[str]:
