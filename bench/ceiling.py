@@ -1,4 +1,5 @@
-"""Mode a, the ceiling: fetch → decode → preprocess → forward → write in one process, no queue.
+"""Mode a, the ceiling: fetch → decode → preprocess → forward → write in one process, no queue
+(for texts: tokenize → forward → write).
 
 The loop itself is `bench/ceiling_worker.py`; this module starts it in its own process (so its
 peak RSS and torch threads are its own) and asks it for throughput runs on demand, so the
@@ -34,6 +35,7 @@ class CeilingConfig:
     device: str = "cpu"
     dtype: str = "fp32"
     settings: dict[str, Any] = field(default_factory=dict)  # DUALSTREAM_* fields, as in b and c
+    modality: str = "image"  # or "text": `jobs` are text-embedding jobs
 
 
 

@@ -34,6 +34,12 @@ def _command_line() -> str:
               help="comma-separated: tiny, vit-b-16")
 @click.option("--modes", default=",".join(MODES), show_default=True,
               help="comma-separated: ceiling (a), dualstream (b), naive (c)")
+@click.option("--modality", type=click.Choice(["image", "text"]), default="image",
+              show_default=True, help="what the jobs embed: images (zero-shot jobs) or texts "
+                                      "(text-embedding jobs)")
+@click.option("--texts", type=int, default=None,
+              help="texts for the tiny model in text mode "
+                   f"[default {DEFAULT_PLANS['tiny'].texts}]")
 @click.option("--images", type=int, default=None,
               help=f"images for the tiny model [default {DEFAULT_PLANS['tiny'].images}]")
 @click.option("--vit-images", type=int, default=None,
@@ -59,13 +65,17 @@ def _command_line() -> str:
               default=DEFAULT_CACHE, show_default=True, help="where the random checkpoints live")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="write the JSON report here [default WORKDIR/bench.json]")
-def bench_command(models: str, modes: str, images: int | None, vit_images: int | None,
+def bench_command(models: str, modes: str, modality: str, texts: int | None,
+                  images: int | None, vit_images: int | None,
                   image_sizes: str, overrides: tuple[str, ...], settings: tuple[str, ...],
                   device: str, dtype: str,
                   workdir: Path, profile: str | None, model_cache: Path,
                   json_out: Path | None) -> None:
-    """Throughput and latency: ceiling vs dualstream vs naive Celery, tiny and ViT-B/16."""
+    """Throughput and latency: ceiling vs dualstream vs naive Celery, tiny and ViT-B/16, on
+    images or (`--modality text`) on texts."""
     sized = list(overrides)
+    if texts is not None:
+        sized.insert(0, f"tiny.texts={texts}")
     if images is not None:
         sized.insert(0, f"tiny.images={images}")
     if vit_images is not None:
@@ -76,7 +86,7 @@ def bench_command(models: str, modes: str, images: int | None, vit_images: int |
         raise click.BadParameter(str(exc)) from exc
     options = BenchOptions(
         models=_csv(models, MODELS, "--models"), modes=_csv(modes, MODES, "--modes"),
-        plans=plans, workdir=workdir.resolve(), device=device, dtype=dtype,
+        plans=plans, workdir=workdir.resolve(), modality=modality, device=device, dtype=dtype,
         settings=_settings(settings),
         command=_command_line(), profile=profile, model_cache=model_cache,
         image_sizes=parse_sizes(image_sizes))

@@ -1,10 +1,11 @@
-"""Mode c, the naive baseline: one Celery task per image, no micro-batching.
+"""Mode c, the naive baseline: one Celery task per image (or text), no micro-batching.
 
 This is what a first Celery version of the service would look like: each message carries one
 job, and its task does everything in line: mark it running, fetch, decode, preprocess, a
 forward pass of batch 1, score, write a one-row shard through the same `ShardWriter` (claims
-included) and store the result in Redis. The durable outputs and results are the same as
-dualstream's, so the two modes do the same work; only the batching and the pipeline differ.
+included) and store the result in Redis (a text job: tokenize, a forward pass of batch 1,
+write). The durable outputs and results are the same as dualstream's, so the two modes do the
+same work; only the batching and the pipeline differ.
 
     python -m bench.naive [--pool threads|prefork] [--concurrency N]   # settings: DUALSTREAM_*
 """
@@ -89,7 +90,9 @@ class _State:
         self.images = ImagePreparer(settings, self.encoder, device_batches=False)
 
     def handle(self, job: Job) -> None:
-        if self.results.begin([job.job_id])[0]:
+        from control.results import Settlement
+
+        if self.results.statuses([job.job_id])[0] is Status.DONE:
             return
         timings = Timings(enqueued_at=time.time())
         try:
@@ -100,12 +103,15 @@ class _State:
                                model=job.model, source=job.source, timings=timings,
                                error=ErrorInfo(code=ErrorCode.INTERNAL,
                                                message=repr(exc)[:500]))
-        self.results.put_many([result], clear_claims=True)
+        if result.status is Status.FAILED:  # a done job's record came with its row
+            self.results.fail([Settlement(result, source=job.source)])
 
     def _run(self, job: Job, timings: Timings) -> JobResult:
         from worker.outputs import OutputRow
         from worker.zeroshot import score
 
+        if job.text is not None:
+            return self._run_text(job, timings)
         blob = self.reader.read(job.image or "")
         pixels = self.images.pixels(blob.data)
         embedding = self.encoder.encode_images(pixels.unsqueeze(0))
@@ -116,6 +122,19 @@ class _State:
         timings.finished_at = time.time()
         return JobResult(job_id=job.job_id, status=Status.DONE, task=job.task, model=job.model,
                          source=job.source, labels=labels, output=outcome.location,
+                         embedding_dim=int(embedding.shape[-1]), timings=timings)
+
+    def _run_text(self, job: Job, timings: Timings) -> JobResult:
+        from worker.outputs import OutputRow
+
+        tokens = self.encoder.tokenize([job.text or ""])
+        embedding = self.encoder.encode_texts(tokens)
+        truncated = tokens.truncated[0]
+        row = OutputRow(job, embedding.numpy()[0], None, None, truncated)
+        outcome = self.writer.write([row], "text")[0]
+        timings.finished_at = time.time()
+        return JobResult(job_id=job.job_id, status=Status.DONE, task=job.task, model=job.model,
+                         source=job.source, output=outcome.location, text_truncated=truncated,
                          embedding_dim=int(embedding.shape[-1]), timings=timings)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 @dataclass(frozen=True)
 class ModelPlan:
     images: int
+    texts: int  # items of a run in text mode (`--modality text`), in place of `images`
     latency_jobs: int
     warmup_jobs: int
     repeats: int  # throughput runs per mode; the best is reported (the machine may be shared)
@@ -39,6 +40,10 @@ class ModelPlan:
     naive_torch_threads: int
     extra_worker_settings: dict[str, str] = field(default_factory=dict)
 
+    def items(self, modality: str) -> int:
+        """Items of one throughput run: images, or texts in text mode."""
+        return self.texts if modality == "text" else self.images
+
     def worker_settings(self) -> dict[str, object]:
         return {"max_batch_items": self.max_batch_items,
                 "max_batch_wait_ms": self.max_batch_wait_ms,
@@ -54,7 +59,7 @@ DEFAULT_PLANS: dict[str, ModelPlan] = {
     # call, shard, claims, results) that small batches pay; at light load a lone job is not
     # held back (the pipeline flushes as soon as nothing more is being prepared).
     "tiny": ModelPlan(
-        images=512, latency_jobs=40, warmup_jobs=16, repeats=4,
+        images=512, texts=4096, latency_jobs=40, warmup_jobs=16, repeats=4,
         ceiling_batches=(16, 32, 64), ceiling_sweep_items=256, ceiling_prepare_threads=2,
         ceiling_torch_threads=1, ceiling_latency_items=20,
         torch_threads=1, max_batch_items=64, max_batch_wait_ms=100, max_inflight_messages=8,
@@ -64,7 +69,7 @@ DEFAULT_PLANS: dict[str, ModelPlan] = {
     # The forward pass (~240 ms an image on both cores) dominates; on a CPU its cost per image
     # hardly falls with the batch size, so batches stay small and torch gets both cores.
     "vit-b-16": ModelPlan(
-        images=48, latency_jobs=8, warmup_jobs=8, repeats=2,
+        images=48, texts=256, latency_jobs=8, warmup_jobs=8, repeats=2,
         ceiling_batches=(4, 8, 16), ceiling_sweep_items=16, ceiling_prepare_threads=1,
         ceiling_torch_threads=2, ceiling_latency_items=4,
         torch_threads=2, max_batch_items=8, max_batch_wait_ms=50, max_inflight_messages=4,

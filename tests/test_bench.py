@@ -70,6 +70,39 @@ def test_batch_fill_is_read_from_the_committed_shards(report: dict[str, object])
     assert streaming["rows_per_shard"] * streaming["shards"] == pytest.approx(6)
 
 
+@pytest.fixture(scope="module")
+def text_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    require("redis-server")
+    tmp_path = tmp_path_factory.mktemp("bench-text")
+    args = ["--models", "tiny", "--modality", "text", "--texts", "8",
+            "--workdir", str(tmp_path / "work"), "--model-cache", str(tmp_path / "models"),
+            "--json", str(tmp_path / "bench.json")]
+    for override in SMALL:
+        args += ["--set", override]
+    result = CliRunner().invoke(bench_command, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "b. dualstream" in result.output and "b/c" in result.output
+    loaded: dict[str, object] = json.loads((tmp_path / "bench.json").read_text())
+    return loaded
+
+
+def test_text_mode_runs_every_mode_on_text_embedding_jobs(
+        text_report: dict[str, object]) -> None:
+    assert text_report["modality"] == "text" and "images" not in text_report
+    assert text_report["texts"]["count"] == 8  # type: ignore[index]
+    tiny = text_report["models"]["tiny"]  # type: ignore[index]
+    assert set(tiny["summary"]) == {"ceiling", "dualstream", "naive"}
+    for mode, summary in tiny["summary"].items():
+        assert summary["items"] == 8 and summary["failed"] == 0, mode
+        assert summary["items_per_s"] > 0
+    assert all(value is not None for value in tiny["ratios"].values())
+    assert [t["target"] for t in tiny["targets"]][:2] == ["b/c >= 10", "b/a >= 0.8"]
+    streaming = tiny["modes"]["dualstream"]  # text shards, read from their manifests
+    assert streaming["shards"] >= 2
+    assert streaming["rows_per_shard"] * streaming["shards"] == pytest.approx(8)
+    assert tiny["modes"]["naive"]["rows_per_shard"] == 1.0
+
+
 def test_the_redis_cost_bench_counts_each_sides_commands_cpu_and_bytes(
         tmp_path: Path) -> None:
     """Smoke test of `python -m bench.redis_cost` at a small size: the report is complete and
@@ -78,9 +111,12 @@ def test_the_redis_cost_bench_counts_each_sides_commands_cpu_and_bytes(
     from bench.redis_cost import measure, render
 
     require("redis-server")
-    report = measure(jobs=32, per_message=8, labels=3, workdir=tmp_path)
+    report = measure(jobs=32, per_message=8, labels=3, singles=4, workdir=tmp_path)
     assert report["producer"]["by_command"]["lpush"] == pytest.approx(1 / 8)
     assert report["worker"]["by_command"]["blmove"] >= 1 / 8  # and idle waits for more
     assert report["worker"]["commands_per_job"] >= 1
     assert report["redis_cpu_us_per_job"] > 0 and report["bytes_per_finished_job"] > 0
-    assert "Redis CPU µs" in render(report)
+    assert report["done"] == 32
+    assert report["singles"]["by_command"]["lpush"] == pytest.approx(1)
+    assert report["singles"]["record_bytes_with_embedding"] > report["record_bytes"]
+    assert "Redis CPU µs" in render(report, baseline=report)

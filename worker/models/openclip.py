@@ -37,6 +37,7 @@ from worker.models.base import TensorPreprocess, TokenizedTexts
 from worker.models.device import host_to_device, normalised_cpu
 from worker.models.draft_size import transform_side
 from worker.models.spec import ModelSpec
+from worker.models.tokens import clip_bpe_tokens, open_clip_hf_tokens
 from worker.models.vision import DEFAULT_VISION, VisionOptions, prepare_vision_tower
 
 PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -103,10 +104,8 @@ class OpenClipEncoder:
         return self.transform(image)
 
     def tokenize(self, texts: Sequence[str]) -> TokenizedTexts:
-        batch = list(texts)
         with self._tokenizer_lock:
-            truncated = [self._token_count(text) > self.max_text_tokens for text in batch]
-            tokens = self.tokenizer(batch)
+            tokens, truncated = self._tokenize(list(texts))
             self._bound_bpe_cache()
         return TokenizedTexts(tensors={"input_ids": tokens}, truncated=truncated)
 
@@ -123,6 +122,16 @@ class OpenClipEncoder:
 
     def logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         return self.logit_scale * image_embeds @ text_embeds.T
+
+    def _tokenize(self, batch: list[str]) -> tuple[torch.Tensor, list[bool]]:
+        """The tokenizer's ids, and per text whether it was cut: one pass for the standard
+        tokenizers; a reduction or HF "clips" mode keeps the library's call and counts apart."""
+        tokenizer, context = self.tokenizer, self.max_text_tokens
+        if isinstance(tokenizer, SimpleTokenizer) and tokenizer.reduction_fn is None:
+            return clip_bpe_tokens(tokenizer, batch, context)
+        if isinstance(tokenizer, HFTokenizer) and tokenizer.tokenizer_mode != "clips":
+            return open_clip_hf_tokens(tokenizer, batch, context)
+        return tokenizer(batch, context), [self._token_count(t) > context for t in batch]
 
     def _token_count(self, text: str) -> int:
         """Tokens the text needs, start and end tokens included, before truncation."""

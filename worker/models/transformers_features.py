@@ -1,6 +1,7 @@
 """What ALIGN and AltCLIP share: preprocessing with the checkpoint's image processor (and its
-tensor form and resize side), tokenizing with truncation flags, and projected features from
-transformers' `get_*_features(...).pooler_output`, normalised on the CPU."""
+tensor form and resize side), tokenizing with truncation flags in one pass
+(`worker/models/tokens.py`), and projected features from transformers'
+`get_*_features(...).pooler_output`, normalised on the CPU."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from worker.models.base import TensorPreprocess, TokenizedTexts
 from worker.models.device import host_to_device, normalised_cpu
 from worker.models.draft_size import processor_side
 from worker.models.tensor_preprocess import processor_on_tensors
+from worker.models.tokens import hf_tokens
 from worker.models.vision import VisionOptions
 
 
@@ -46,19 +48,10 @@ class TransformersFeatures:
         return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"][0]
 
     def tokenize(self, texts: Sequence[str]) -> TokenizedTexts:
-        batch = list(texts)
         with self._tokenizer_lock:
-            lengths = [len(ids) for ids in self.tokenizer(batch, verbose=False)["input_ids"]]
-            encoded = self.tokenizer(
-                batch,
-                padding=self.text_padding,
-                max_length=self.max_text_tokens,
-                truncation=True,
-                return_tensors="pt",
-            )
-        return TokenizedTexts(
-            tensors=dict(encoded), truncated=[n > self.max_text_tokens for n in lengths]
-        )
+            tensors, truncated = hf_tokens(self.tokenizer, texts, padding=self.text_padding,
+                                           max_length=self.max_text_tokens)
+        return TokenizedTexts(tensors=tensors, truncated=truncated)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         batch = host_to_device(pixels, self.device, self.dtype, self.vision.memory_format)
