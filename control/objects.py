@@ -28,10 +28,12 @@ class S3Location:
 
     @classmethod
     def parse(cls, uri: str) -> S3Location:
-        parsed = urlparse(uri)
-        if parsed.scheme != "s3" or not parsed.netloc:
+        """`s3://bucket/key`; the key is everything after the bucket's slash, as S3 has it
+        (`#` and `?` are key characters, not a URL's fragment and query)."""
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        if not uri.startswith("s3://") or not bucket:
             raise SourceError(f"not an s3://bucket/key URI: {uri!r}", code=ErrorCode.INVALID_JOB)
-        return cls(parsed.netloc, parsed.path.lstrip("/"))
+        return cls(bucket, key)
 
 
 def s3_error(exc: ClientError, what: str) -> Exception:
@@ -115,8 +117,12 @@ class S3OutputStore:
             response = self._s3.get_object(Bucket=self._bucket, Key=self._key(key))
             return bytes(response["Body"].read())
         except ClientError as exc:
-            if isinstance(s3_error(exc, key), SourceError):
+            # Only a missing object is None: a refusal must not read as "never written".
+            error = s3_error(exc, key)
+            if isinstance(error, SourceError) and error.code is ErrorCode.SOURCE_NOT_FOUND:
                 return None
+            raise TransientError(f"reading {self.uri(key)} failed: {exc}") from exc
+        except BotoCoreError as exc:
             raise TransientError(f"reading {self.uri(key)} failed: {exc}") from exc
 
     def exists(self, key: str) -> bool:

@@ -1,11 +1,15 @@
 """Publishing job messages fast: Celery task messages (protocol 2) built here and pushed in one
-round trip per batch.
+round trip per batch, with the run's counters moved by the same script.
 
 Celery's `send_task` spends about a millisecond of Python on each message (its headers, a repr
 of the arguments for its logs, kombu's envelope, a round trip of its own), which caps a bulk
 producer near 6,000 jobs a second at 32 jobs a message. The messages built here are the ones
 `send_task` sends through this project's Redis transport, field for field (tests/test_publish.py
 compares them), so a worker cannot tell them apart.
+
+A batch's pushes and its run's `queued` count and cursor are one script, run once per call (a
+token key): a producer killed mid-batch leaves all of it or none, and redis-py sending the
+script again after a lost reply changes nothing.
 """
 
 from __future__ import annotations
@@ -15,33 +19,71 @@ import os
 import socket
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 
-from control.transport import push_replicated
-from schemas.keys import TASK_NAME
+from control.transport import execute_replicated
+from schemas.keys import TASK_NAME, RedisKeys
 from schemas.settings import Settings
 
 _COMPACT = (",", ":")
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+TOKEN_TTL_S = 3600
+
+# KEYS: the call's token, the run's counters (the token again without a run), then one queue
+# per message. ARGV: jobs to count (-1: no run), cursor ('' for none), token ttl, run ttl,
+# then the messages.
+_PUBLISH = """
+if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[3]) then return 0 end
+for i = 3, #KEYS do redis.call('LPUSH', KEYS[i], ARGV[i + 2]) end
+if ARGV[1] ~= '-1' then
+  redis.call('HINCRBY', KEYS[2], 'queued', ARGV[1])
+  if ARGV[2] ~= '' then redis.call('HSET', KEYS[2], 'cursor', ARGV[2]) end
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+end
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class RunCount:
+    """What a batch adds to its run: jobs sent for the first time, and the last source."""
+
+    run_id: str
+    queued: int
+    cursor: str | None = None
 
 
 class TaskPublisher:
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
         self._redis = client
+        self._keys = RedisKeys(settings.key_prefix)
+        self._run_ttl_s = settings.result_ttl_s
         self._replicas = settings.redis_replicas_to_ack
         self._timeout_ms = settings.redis_replicas_ack_timeout_ms
         self._origin = f"gen{os.getpid()}@{socket.gethostname()}"
         self._reply_to = str(uuid.uuid4())
+        self._script = client.register_script(_PUBLISH)
 
-    def publish(self, messages: Sequence[tuple[str, dict[str, Any]]]) -> None:
-        """Send each (queue, job message) as one `dualstream.process` task, all in one round
-        trip (and acknowledged by `redis_replicas_to_ack` replicas, where set)."""
-        if messages:
-            push_replicated(self._redis, [(queue, self.task_message(queue, argument))
-                                          for queue, argument in messages],
-                            self._replicas, self._timeout_ms)
+    def publish(self, messages: Sequence[tuple[str, dict[str, Any]]],
+                count: RunCount | None = None) -> None:
+        """Send each (queue, job message) as one `dualstream.process` task and add `count`
+        to its run, all in one script and one round trip (acknowledged by
+        `redis_replicas_to_ack` replicas, where set)."""
+        if not messages and count is None:
+            return
+        token = self._keys.publish_token(uuid.uuid4().hex)
+        keys = [token, self._keys.run(count.run_id) if count else token]
+        keys += [queue for queue, _ in messages]
+        args: list[str | bytes | int] = [count.queued if count else -1,
+                                         (count.cursor or "") if count else "", TOKEN_TTL_S,
+                                         self._run_ttl_s]
+        args += [self.task_message(queue, argument) for queue, argument in messages]
+        execute_replicated(self._redis,
+                           lambda pipe: self._script(keys=keys, args=args, client=pipe),
+                           self._replicas, self._timeout_ms)
 
     def task_message(self, queue: str, argument: dict[str, Any]) -> bytes:
         task_id = str(uuid.uuid4())

@@ -24,6 +24,7 @@ and a job's status is one read away.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -37,19 +38,25 @@ from schemas.records import (
     decode_record,
     encode_record,
     record_status,
+    run_tag,
 )
 from schemas.results import JobResult, RunProgress, Status
 
 # Redis answers this many keys at once in well under a millisecond.
 _READ_CHUNK = 2048
 
+# ARGV: ttl, resend (1/0), the call's token: a queued record is `q<token>`, so that the same
+# call sent again (redis-py retrying after a lost reply) still sends what it queued.
 _ENQUEUE = """
-local ttl, resend = ARGV[1], ARGV[2] == '1'
+local ttl, resend, mine = ARGV[1], ARGV[2] == '1', 'q' .. ARGV[3]
 local out = {}
 for i, key in ipairs(KEYS) do
-  local state = string.sub(redis.call('GET', key) or '', 1, 1)
+  local value = redis.call('GET', key) or ''
+  local state = string.sub(value, 1, 1)
   if state == '' or state == 'f' then
-    redis.call('SET', key, 'q', 'EX', ttl)
+    redis.call('SET', key, mine, 'EX', ttl)
+    out[i] = 1
+  elseif value == mine then
     out[i] = 1
   else  -- queued, reserved or done: a record is never set back
     out[i] = resend and 1 or 0
@@ -67,6 +74,9 @@ local function shard_of(record)
 end
 local function time_of(record)
   return struct.unpack('<I5', string.sub(record, 5, 9)) + ORIGIN
+end
+local function row_of(record)
+  return struct.unpack('<I2', string.sub(record, 14, 15))
 end
 local function with_row(record, row)
   return string.sub(record, 1, 13) .. struct.pack('<I2', row) .. string.sub(record, 16)
@@ -98,9 +108,15 @@ local function win(i, key, record, run, old)
   row = row + 1
   if run > 0 then
     won[run] = (won[run] or 0) + 1
-    if old and same_run(old, record) and string.sub(old, 1, 1) == 'f' then
-      count(run, 'failed', -1)
-      count(run, 'failed:' .. failed_code(old), -1)
+    if old and string.sub(old, 1, 1) == 'f' and #old >= 12 then
+      -- A failure this run counted gives way at once, whether or not this shard commits:
+      -- whatever settles the job next counts it again.
+      local counted = same_run(old, record) or
+        redis.call('SREM', KEYS[n + 1 + 2 * run], key) == 1
+      if counted then
+        redis.call('HINCRBY', KEYS[n + 2 * run], 'failed', -1)
+        redis.call('HINCRBY', KEYS[n + 2 * run], 'failed:' .. failed_code(old), -1)
+      end
     end
   end
 end
@@ -113,17 +129,18 @@ for i = 1, n do
   else
     local old = redis.call('GET', key)
     local state = old and string.sub(old, 1, 1)
-    if state ~= 'd' then
+    if state ~= 'd' or #old < 17 then
       win(i, key, record, run, old)
     else
       local held = shard_of(old)
       if held == shard then
-        win(i, key, record, run, nil)
+        out[i] = row_of(old)  -- this shard's own reservation (a script run twice): as it is
       elseif redis.call('EXISTS', shard_prefix .. held) == 1 then
         out[i] = 'done'
         if run > 0 and not same_run(old, record) and
             redis.call('SADD', KEYS[n + 1 + 2 * run], key) == 1 then
           redis.call('HINCRBY', KEYS[n + 2 * run], 'done', 1)
+          redis.call('EXPIRE', KEYS[n + 2 * run], ttl)
           redis.call('EXPIRE', KEYS[n + 1 + 2 * run], ttl)
         end
       elseif now - time_of(old) < lease then
@@ -193,6 +210,37 @@ end
 return 0
 """
 
+# Jobs of a run found settled by another run, outside a reservation (a redelivery's recheck,
+# the same job twice in one batch): each counted once in this run. KEYS: records, then the
+# run's counters and repeats set. ARGV: the run's tag, ttl, shard key prefix.
+_REPEATS = _RECORD_LUA + """
+local tag, ttl, prefix = ARGV[1], ARGV[2], ARGV[3]
+local n = #KEYS - 2
+local counters, repeats = KEYS[n + 1], KEYS[n + 2]
+local added = 0
+for i = 1, n do
+  local old = redis.call('GET', KEYS[i])
+  local state = old and string.sub(old, 1, 1)
+  local done = state == 'd' and #old >= 17 and redis.call('EXISTS', prefix .. shard_of(old)) == 1
+  local failed = state == 'f' and #old >= 12
+  if (done or failed) and string.sub(old, 2, 4) ~= tag and
+      redis.call('SADD', repeats, KEYS[i]) == 1 then
+    if done then
+      redis.call('HINCRBY', counters, 'done', 1)
+    else
+      redis.call('HINCRBY', counters, 'failed', 1)
+      redis.call('HINCRBY', counters, 'failed:' .. failed_code(old), 1)
+    end
+    added = added + 1
+  end
+end
+if added > 0 then
+  redis.call('EXPIRE', counters, ttl)
+  redis.call('EXPIRE', repeats, ttl)
+end
+return added
+"""
+
 # Each record, then its shard's URI when the shard is committed ('' otherwise).
 _READ = _RECORD_LUA + """
 local prefix, out = ARGV[1], {}
@@ -209,24 +257,27 @@ return out
 """
 
 # KEYS: n records, then per run its counters, failure list and repeats set.
-# ARGV: ttl, n, runs, shard key prefix; per job its record, run number (0: none), error code,
-# failure line.
+# ARGV: ttl, n, runs, shard key prefix, now (ms), lease (ms); per job its record, run number
+# (0: none), error code, failure line.
 _FAIL = _RECORD_LUA + """
 local ttl, n, runs, shard_prefix = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local now, lease = tonumber(ARGV[5]), tonumber(ARGV[6])
 local counts, failures, out = {}, {}, {}
 local function bump(run, field, by)
   counts[run] = counts[run] or {}
   counts[run][field] = (counts[run][field] or 0) + by
 end
 for i = 1, n do
-  local key, value = KEYS[i], ARGV[4 * i + 1]
-  local run, code, line = tonumber(ARGV[4 * i + 2]), ARGV[4 * i + 3], ARGV[4 * i + 4]
+  local key, value = KEYS[i], ARGV[4 * i + 3]
+  local run, code, line = tonumber(ARGV[4 * i + 4]), ARGV[4 * i + 5], ARGV[4 * i + 6]
   local old = redis.call('GET', key)
   local was = old and string.sub(old, 1, 1)
   local same = old and same_run(old, value)
-  local done = was == 'd' and redis.call('EXISTS', shard_prefix .. shard_of(old)) == 1
-  if was == 'd' or was == 'f' then
-    out[i] = 0  -- done, being written, or failed already
+  local whole = was == 'd' and #old >= 17
+  local done = whole and redis.call('EXISTS', shard_prefix .. shard_of(old)) == 1
+  local held = whole and not done and now - time_of(old) < lease
+  if done or held or (was == 'f' and #old >= 12) then
+    out[i] = 0  -- done, being written by a live writer, or failed already
     if run > 0 and not same and (done or was == 'f') and
         redis.call('SADD', KEYS[n + 3 * run], key) == 1 then
       if done then
@@ -314,10 +365,12 @@ def _runs(run_ids: Sequence[str | None]) -> tuple[list[str], dict[str, int]]:
 
 
 class ResultStore:
-    def __init__(self, client: redis.Redis, keys: RedisKeys, ttl_s: int) -> None:
+    def __init__(self, client: redis.Redis, keys: RedisKeys, ttl_s: int,
+                 lease_s: float = 120.0) -> None:
         self._redis = client
         self._keys = keys
         self._ttl_s = ttl_s
+        self._lease_s = lease_s  # settings.claim_lease_s, for `fail`
         self._enqueue_script = client.register_script(_ENQUEUE)
         self._reserve_script = client.register_script(_RESERVE)
         self._commit_script = client.register_script(_COMMIT)
@@ -325,6 +378,7 @@ class ResultStore:
         self._release_script = client.register_script(_RELEASE)
         self._read_script = client.register_script(_READ)
         self._fail_script = client.register_script(_FAIL)
+        self._repeats_script = client.register_script(_REPEATS)
 
     # Producers -----------------------------------------------------------------------------
     def enqueue(self, job_ids: Sequence[str], *, resend: bool = False) -> list[bool]:
@@ -334,18 +388,18 @@ class ResultStore:
         if not job_ids:
             return []
         keys = [self._keys.record(job_id) for job_id in job_ids]
-        flags = self._enqueue_script(keys=keys, args=[self._ttl_s, int(resend)])
+        flags = self._enqueue_script(keys=keys, args=[self._ttl_s, int(resend),
+                                                      uuid.uuid4().hex[:8]])
         return [bool(flag) for flag in flags]
 
-    def states(self, job_ids: Sequence[str]) -> list[Status | None]:
-        """What each job's record says, in one MGET per 2,048 jobs, without asking whether a
-        reserved row is committed yet: `done` here means done or being written."""
+    def records(self, job_ids: Sequence[str]) -> list[bytes | None]:
+        """Each job's record as it is (schemas/records.py), in one MGET per 2,048 jobs."""
         found: list[bytes | None] = []
         for start in range(0, len(job_ids), _READ_CHUNK):
             chunk = job_ids[start:start + _READ_CHUNK]
             found += cast(list[bytes | None],
                           self._redis.mget([self._keys.record(job_id) for job_id in chunk]))
-        return [record_status(raw) for raw in found]
+        return found
 
     # Readers -------------------------------------------------------------------------------
     def _read(self, job_ids: Sequence[str]) -> list[tuple[bytes | None, str | None]]:
@@ -417,9 +471,20 @@ class ResultStore:
             self._release_script(keys=[self._keys.record(job_id) for job_id in job_ids],
                                  args=[shard])
 
+    def count_repeats(self, job_ids: Sequence[str], run_id: str | None) -> int:
+        """Count in `run_id` the jobs that another run settled (each once), when they are
+        found settled without being reserved; how many were counted now."""
+        if not job_ids or not run_id:
+            return 0
+        keys = [self._keys.record(job_id) for job_id in job_ids]
+        keys += [self._keys.run(run_id), self._keys.run_repeats(run_id)]
+        return int(self._repeats_script(keys=keys, args=[run_tag(run_id), self._ttl_s,
+                                                          self._keys.shard("")]))
+
     def fail(self, settlements: Sequence[Settlement]) -> list[bool]:
         """Record failed results in one round trip; True for each job failed for the first
-        time (its run counted it). A job whose row is done or being written keeps it."""
+        time (its run counted it). A job whose row is done, or being written by a writer
+        whose lease runs, keeps it; a dead writer's reservation gives way."""
         if not settlements:
             return []
         runs, number = _runs([s.run_id for s in settlements])
@@ -428,13 +493,27 @@ class ResultStore:
             keys += [self._keys.run(run_id), self._keys.run_failures(run_id),
                      self._keys.run_repeats(run_id)]
         args: list[str | bytes | int] = [self._ttl_s, len(settlements), len(runs),
-                                         self._keys.shard("")]
+                                         self._keys.shard(""), int(time.time() * 1000),
+                                         int(self._lease_s * 1000)]
         for s in settlements:
             error = s.result.error
             args += [encode_record(s.result, s.run_id, s.dtype),
                      number.get(s.run_id or "", 0),
                      error.code.value if error else "", _failure_line(s)]
         return [bool(flag) for flag in self._fail_script(keys=keys, args=args)]
+
+
+_LOCK = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+"""
+
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 class RunStore:
@@ -444,6 +523,8 @@ class RunStore:
         self._redis = client
         self._keys = keys
         self._ttl_s = ttl_s
+        self._lock_script = client.register_script(_LOCK)
+        self._unlock_script = client.register_script(_UNLOCK)
 
     def queued(self, run_id: str, count: int, cursor: str | None = None) -> None:
         """Count jobs just published under the run; `cursor`: the last source they listed."""
@@ -460,16 +541,26 @@ class RunStore:
         self._redis.hset(self._keys.run(run_id), "listed", 1)
 
     def new_pass(self, run_id: str) -> int:
-        """Start the run over: counters and cursor reset, the failure list kept as history."""
+        """List the run again from the start. Its counters go on: a pass adds the jobs it
+        sends for the first time, and a failed job it sends again moves from failed to done
+        if it succeeds (it was queued and counted already)."""
         key = self._keys.run(run_id)
-        previous = self.progress(run_id).passes
         pipe = self._redis.pipeline(transaction=True)
-        pipe.delete(key, self._keys.run_repeats(run_id))
-        pipe.hset(key, mapping={"pass": previous + 1, "queued": 0, "done": 0, "failed": 0,
-                                "started_at": int(time.time())})
+        pipe.hincrby(key, "pass", 1)
+        pipe.hset(key, mapping={"listed": 0, "started_at": int(time.time())})
+        pipe.hdel(key, "cursor")
         pipe.expire(key, self._ttl_s)
-        pipe.execute()
-        return previous + 1
+        passes, *_ = pipe.execute()
+        return int(passes)
+
+    def lock(self, run_id: str, owner: str, ttl_s: int) -> bool:
+        """Take (or, for its owner, keep) the right to publish the run: one producer at a
+        time, or both would count the same jobs."""
+        return bool(self._lock_script(keys=[self._keys.run_lock(run_id)],
+                                      args=[owner, ttl_s]))
+
+    def unlock(self, run_id: str, owner: str) -> None:
+        self._unlock_script(keys=[self._keys.run_lock(run_id)], args=[owner])
 
     def progress(self, run_id: str) -> RunProgress:
         raw = cast(dict[bytes, bytes], self._redis.hgetall(self._keys.run(run_id)))

@@ -30,6 +30,7 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -53,24 +54,33 @@ class EnqueueNotReplicated(RuntimeError):
 def push_replicated(client: Any, messages: list[tuple[str, bytes | str]], replicas: int,
                     timeout_ms: int, tries: int = 3) -> None:
     """LPUSH each (queue, message) in one round trip, then, with `replicas`, WAIT until that
-    many replicas have them, on the same connection; raises `EnqueueNotReplicated` if they do
-    not in `tries` waits."""
-    with client.pipeline(transaction=False) as pipe:
+    many replicas have them (`execute_replicated`)."""
+    def push(pipe: Any) -> None:
         for queue, raw in messages:
             pipe.lpush(queue, raw)
-        if replicas:
+
+    execute_replicated(client, push, replicas, timeout_ms, tries)
+
+
+def execute_replicated(client: Any, commands: Callable[[Any], None], replicas: int,
+                       timeout_ms: int, tries: int = 3) -> list[Any]:
+    """Send `commands(pipe)` in one round trip, followed, with `replicas`, by up to `tries`
+    WAITs for that many replicas on the same connection (a WAIT on another connection would
+    not wait for these writes); raises `EnqueueNotReplicated` if they do not all get there.
+    The replies of `commands`."""
+    with client.pipeline(transaction=False) as pipe:
+        commands(pipe)
+        for _ in range(tries if replicas else 0):
             pipe.execute_command("WAIT", replicas, timeout_ms)
-        replies = pipe.execute()
-        acked = replies[-1] if replicas else 0
-        for _ in range(tries - 1):
-            if not replicas or int(acked) >= replicas:
-                return
-            # Only WAIT again, on the same connection: publishing again would duplicate.
-            acked = pipe.execute_command("WAIT", replicas, timeout_ms)
-    if replicas and int(acked) < replicas:
+        replies = list(pipe.execute())
+    if not replicas:
+        return replies
+    acked = max(int(reply) for reply in replies[-tries:])
+    if acked < replicas:
         raise EnqueueNotReplicated(
             f"the enqueue reached {acked} of {replicas} replicas in {tries} × {timeout_ms} ms: "
             "it may be lost at a failover; submit it again (jobs are idempotent)")
+    return replies[:-tries]
 
 
 class InflightQoS(kombu_redis.QoS):

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,20 +110,44 @@ def bulk(source: str, model: str | None, labels: str | None, templates: str, top
         click.echo(f"run {run}: every job is already queued; {progress.queued - progress.settled}"
                    f" of {progress.queued} still to settle")
     else:
-        resume_after = None
-        if progress.exists and not progress.listed:
-            resume_after = progress.cursor
-            click.echo(f"run {run}: resuming after {resume_after or 'the start'}", err=True)
-        else:
-            client.runs.new_pass(run)
-        sources = list_sources(source, request.suffixes, s3, after=resume_after)
-        jobs = tqdm(jobs_for(request, sources), desc="submitting", unit="job", file=sys.stderr)
-        ids = client.submit_many(jobs, per_message=per_message, run_id=run)
-        client.runs.listed(run)
+        owner = f"{socket.gethostname()}-{os.getpid()}"
+        if not client.runs.lock(run, owner, RUN_LOCK_TTL_S):
+            raise click.ClickException(f"another `dualstream bulk` is publishing run {run}; "
+                                       f"wait for it (or up to {RUN_LOCK_TTL_S} s if it died)")
+        try:
+            queued_before = progress.queued
+            resume_after = None
+            if progress.exists and not progress.listed:
+                resume_after = progress.cursor
+                click.echo(f"run {run}: resuming after {resume_after or 'the start'}", err=True)
+            else:
+                client.runs.new_pass(run)
+            sources = list_sources(source, request.suffixes, s3, after=resume_after)
+            jobs = tqdm(_holding(client, run, owner, jobs_for(request, sources)),
+                        desc="submitting", unit="job", file=sys.stderr)
+            ids = client.submit_many(jobs, per_message=per_message, run_id=run)
+            client.runs.listed(run)
+        finally:
+            client.runs.unlock(run, owner)
         progress = client.run_progress(run)
-        click.echo(f"run {run}: {len(ids)} jobs listed, {progress.queued} queued in this pass")
+        click.echo(f"run {run}: {len(ids)} jobs listed, {progress.queued - queued_before} "
+                   f"newly queued, {progress.queued} in all")
     if wait:
         _wait_with_progress(client, run)
+
+
+RUN_LOCK_TTL_S = 30
+
+
+def _holding(client: Client, run: str, owner: str, jobs: Iterator[Job]) -> Iterator[Job]:
+    """The jobs, keeping the run's lock while they are listed."""
+    renewed = time.monotonic()
+    for job in jobs:
+        if time.monotonic() - renewed > RUN_LOCK_TTL_S / 3:
+            if not client.runs.lock(run, owner, RUN_LOCK_TTL_S):
+                raise click.ClickException(f"lost the lock of run {run} to another producer")
+            renewed = time.monotonic()
+        yield job
 
 
 def _wait_with_progress(client: Client, run_id: str) -> None:

@@ -16,10 +16,11 @@ from celery import Celery
 
 from control.broker import producer_app
 from control.connections import redis_client
-from control.publish import TaskPublisher
+from control.publish import RunCount, TaskPublisher
 from control.results import ResultStore, RunStore
 from schemas.jobs import MAX_JOBS_PER_MESSAGE, Job, Task, ZeroShotOptions, pack_message
 from schemas.keys import RedisKeys, queue_name
+from schemas.records import record_status, run_tag
 from schemas.results import JobResult, RunProgress, Status
 from schemas.settings import Settings
 
@@ -87,7 +88,7 @@ class Client:
         jobs get no record until they settle: those done or in progress are skipped, and the
         run counts what was sent (`run_progress`), unless `count_in_run` is False (jobs it
         counted before, replayed from the dead-letter store). Jobs go out `MESSAGES_PER_TRIP`
-        messages at a time: one round trip to check them, one to publish, one to count."""
+        messages at a time: one round trip to check them, one to publish and count them."""
         per_message = max(1, min(per_message, MAX_JOBS_PER_MESSAGE))
         ids: list[str] = []
         for group in _chunks(jobs, per_message * MESSAGES_PER_TRIP):
@@ -98,28 +99,42 @@ class Client:
                     skip_done: bool, count_in_run: bool) -> list[str]:
         ids = [job.job_id for job in group]
         if run_id is None:
-            fresh = self.results.enqueue(ids, resend=not skip_done)
+            send = self.results.enqueue(ids, resend=not skip_done)
+            new = [False] * len(ids)
         else:
-            states = self.results.states(ids) if skip_done else [None] * len(ids)
-            fresh = [state in (None, Status.FAILED) for state in states]
+            send, new = self._run_choice(ids, run_id, skip_done)
         messages: list[tuple[str, dict[str, Any]]] = []
-        sent = 0
         for start in range(0, len(group), per_message):
-            chunk = [job for job, send in zip(group[start:start + per_message],
-                                              fresh[start:start + per_message], strict=True)
-                     if send]
+            chunk = [job for job, chosen in zip(group[start:start + per_message],
+                                                send[start:start + per_message], strict=True)
+                     if chosen]
             by_model: dict[str, list[Job]] = {}
             for job in chunk:
                 by_model.setdefault(job.model, []).append(job)
             messages += [(queue_name(model), pack_message(model_jobs, run_id))
                          for model, model_jobs in by_model.items()]
-            sent += len(chunk)
-        self.publisher.publish(messages)
-        if run_id is not None and count_in_run:
-            # After publishing: a producer killed in between sends these again when the run
-            # resumes, and counts them then; the second copies settle nothing new.
-            self.runs.queued(run_id, sent, cursor=group[-1].source)
+        count = (RunCount(run_id, sum(new), cursor=group[-1].source)
+                 if run_id is not None and count_in_run else None)
+        # One script: the pushes and the run's count and cursor land together or not at all,
+        # so a producer killed here sends the whole batch again on resuming, counted once.
+        self.publisher.publish(messages, count)
         return ids
+
+    def _run_choice(self, ids: list[str], run_id: str,
+                    skip_done: bool) -> tuple[list[bool], list[bool]]:
+        """Per job of a run: send it, and count it as newly queued? A job done or in progress
+        is skipped; one that failed is sent again, and counted only if another run failed it
+        (this run counted it already: queued, then failed)."""
+        if not skip_done:
+            return [True] * len(ids), [True] * len(ids)
+        tag = run_tag(run_id)
+        send, new = [], []
+        for raw in self.results.records(ids):
+            status = record_status(raw)
+            retry_ours = status is Status.FAILED and raw is not None and raw[1:4] == tag
+            send.append(status in (None, Status.FAILED))
+            new.append(status is None or (status is Status.FAILED and not retry_ours))
+        return send, new
 
     # Results -------------------------------------------------------------------------------
     def status(self, job_id: str) -> Status | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from functools import cached_property
@@ -24,6 +25,7 @@ MAX_TEXT_CHARS = 20_000
 MAX_LABELS = 1_000
 MAX_LABEL_CHARS = 1_000
 MAX_RUN_ID = 128
+RUN_ID = re.compile(r"^[A-Za-z0-9._-]+$")
 MAX_JOBS_PER_MESSAGE = 256
 
 TemplateSetName = Literal["default", "openai_imagenet", "simple_imagenet"]
@@ -145,7 +147,9 @@ class JobMessage(_Frozen):
 
     schema_version: Literal[1] = SCHEMA_VERSION
     jobs: Annotated[list[Job], Field(min_length=1, max_length=MAX_JOBS_PER_MESSAGE)]
-    run_id: Annotated[str, Field(min_length=1, max_length=MAX_RUN_ID)] | None = None
+    # Letters, digits, `.`, `_`, `-`: a run id names Redis keys (`ds:run:<id>`).
+    run_id: Annotated[str, Field(min_length=1, max_length=MAX_RUN_ID,
+                                 pattern=RUN_ID.pattern)] | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -55,6 +55,14 @@ class RedisKeys:
         """List: one line per failed job of a run, `job id <TAB> code <TAB> source`."""
         return f"{self.prefix}:run:{run_id}:failed"
 
+    def run_lock(self, run_id: str) -> str:
+        """Which producer publishes a run right now (`dualstream bulk`)."""
+        return f"{self.prefix}:run:{run_id}:lock"
+
+    def publish_token(self, token: str) -> str:
+        """A producer's publish call, so that a resent call is not published twice."""
+        return f"{self.prefix}:pub:{token}"
+
     def run_repeats(self, run_id: str) -> str:
         """Set: jobs of a run that another run had already settled (counted once here)."""
         return f"{self.prefix}:run:{run_id}:repeats"

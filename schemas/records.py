@@ -102,6 +102,8 @@ def encode_done(*, run_id: str | None, finished_at: float, attempts: int, dim: i
     flags = _TRUNCATED if truncated else 0
     parts: list[bytes] = []
     if shard is not None:
+        if len(shard.encode()) >= 128:  # the scripts read its length as one byte
+            raise ValueError(f"a shard id is under 128 bytes: {shard[:40]!r}…")
         flags |= _ROW
         parts.append(_pack_text(shard))
     if labels is not None:
@@ -139,8 +141,9 @@ def decode_record(job_id: str, raw: bytes | None, shard_uri: str | None) -> JobR
     if status is Status.FAILED:
         code, offset = _text(raw, offset)
         message, _ = _text(raw, offset)
+        known = code if code in ErrorCode._value2member_map_ else ErrorCode.INTERNAL.value
         return JobResult.model_validate(
-            common | {"error": ErrorInfo(code=ErrorCode(code), message=message)})
+            common | {"error": ErrorInfo(code=ErrorCode(known), message=message)})
     flags, dim, row = _DONE.unpack_from(raw, offset)
     offset += _DONE.size
     fields: dict[str, object] = {"embedding_dim": dim or None,

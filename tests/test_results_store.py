@@ -7,10 +7,12 @@ import time
 import pytest
 import redis
 
+from control.publish import _PUBLISH as PUBLISH_SCRIPT
+from control.results import _ENQUEUE as ENQUEUE_SCRIPT
 from control.results import Claim, Reservation, ResultStore, RunStore, Settlement
 from schemas.errors import ErrorCode
 from schemas.keys import RedisKeys
-from schemas.records import encode_done
+from schemas.records import encode_done, record_status
 from schemas.results import ErrorInfo, JobResult, LabelScore, OutputLocation, Status
 
 KEYS = RedisKeys("t-store")
@@ -173,8 +175,8 @@ def test_a_run_is_finished_once_listed_and_every_queued_job_settled(
     runs.listed("run-1")
     assert runs.progress("run-1").finished
     assert runs.new_pass("run-1") == 1
-    progress = runs.progress("run-1")
-    assert (progress.queued, progress.done, progress.listed, progress.cursor) == (0, 0, False,
+    progress = runs.progress("run-1")  # the counters go on over passes
+    assert (progress.queued, progress.done, progress.listed, progress.cursor) == (2, 2, False,
                                                                                   None)
 
 
@@ -183,4 +185,77 @@ def test_reads_of_many_jobs_are_chunked(results: ResultStore) -> None:
     write(results, ids[::2])
     statuses = results.statuses(ids)
     assert statuses.count(Status.DONE) == 2500 and statuses.count(None) == 2500
-    assert results.states(ids[:2]) == [Status.DONE, None]
+    assert [record_status(raw) for raw in results.records(ids[:2])] == [Status.DONE, None]
+
+
+def test_a_reservation_sent_twice_counts_once_and_keeps_its_rows(results: ResultStore,
+                                                                 runs: RunStore) -> None:
+    """redis-py sends a script again when its reply was lost."""
+    batch = [record(j, "s", "run-1") for j in ["a", "b"]]
+    first = results.reserve(batch, "s", lease_s=30)
+    again = results.reserve(batch, "s", lease_s=30)
+    assert [c.row for c in again] == [c.row for c in first] == [0, 1]
+    results.commit("s", SHARD)
+    assert runs.progress("run-1").done == 2
+
+
+def test_an_enqueue_sent_twice_still_sends_what_it_queued(results: ResultStore,
+                                                          client: redis.Redis) -> None:
+    script = client.register_script(ENQUEUE_SCRIPT)
+    keys = [KEYS.record("j")]
+    assert script(keys=keys, args=[3600, 0, "token-1"]) == [1]
+    assert script(keys=keys, args=[3600, 0, "token-1"]) == [1]  # the same call, resent
+    assert script(keys=keys, args=[3600, 0, "token-2"]) == [0]  # another call
+
+
+def test_a_retried_failure_gives_way_at_reservation_even_if_that_shard_dies(
+        results: ResultStore, runs: RunStore) -> None:
+    results.fail([Settlement(failed("a"), "run-1")])
+    results.reserve([record("a", "s1", "run-1")], "s1", lease_s=30)
+    assert (runs.progress("run-1").failed, runs.progress("run-1").done) == (0, 0)
+    results.release(["a"], "s1")  # its write failed
+    results.fail([Settlement(failed("a"), "run-1")])
+    progress = runs.progress("run-1")
+    assert (progress.failed, progress.done, progress.failed_by_code) == (
+        1, 0, {"corrupt_image": 1})
+
+
+def test_a_job_failed_by_another_run_then_done_here_counts_once(results: ResultStore,
+                                                                runs: RunStore) -> None:
+    results.fail([Settlement(failed("a"), "run-1")])
+    results.fail([Settlement(failed("a"), "run-2")])  # counted in run-2 as a repeat
+    assert runs.progress("run-2").failed == 1
+    write(results, ["a"], "run-2")
+    progress = runs.progress("run-2")
+    assert (progress.failed, progress.done) == (0, 1), progress
+
+
+def test_jobs_another_run_settled_found_outside_a_reservation_count_once(
+        results: ResultStore, runs: RunStore) -> None:
+    write(results, ["a"], "run-1")
+    results.fail([Settlement(failed("b"), "run-1")])
+    for _ in range(2):
+        results.count_repeats(["a", "b", "nothing"], "run-2")
+    assert results.count_repeats(["a", "b"], "run-1") == 0  # its own
+    progress = runs.progress("run-2")
+    assert (progress.done, progress.failed) == (1, 1)
+
+
+def test_a_dead_writers_reservation_gives_way_to_a_failure(results: ResultStore,
+                                                          runs: RunStore) -> None:
+    results.reserve([record("a", "dead", "run-1")], "dead", lease_s=30)
+    assert results.fail([Settlement(failed("a"), "run-1")]) == [False]  # the writer may live
+    stale = ResultStore(results._redis, KEYS, ttl_s=3600, lease_s=0.01)
+    time.sleep(0.05)
+    assert stale.fail([Settlement(failed("a"), "run-1")]) == [True]
+    assert results.statuses(["a"]) == [Status.FAILED]
+    assert runs.progress("run-1").failed == 1
+
+
+def test_a_publish_sent_twice_pushes_and_counts_once(client: redis.Redis) -> None:
+    script = client.register_script(PUBLISH_SCRIPT)
+    keys = [KEYS.publish_token("t1"), KEYS.run("run-1"), "queue-a", "queue-a"]
+    for _ in range(2):
+        script(keys=keys, args=[2, "s3://b/2.jpg", 60, 3600, b"m1", b"m2"])
+    assert client.lrange("queue-a", 0, -1) == [b"m2", b"m1"]
+    assert client.hgetall(KEYS.run("run-1")) == {b"queued": b"2", b"cursor": b"s3://b/2.jpg"}

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from control.deadletters import DeadLetterStore, Delivery
 from control.results import ResultStore, Settlement
 from schemas.errors import ErrorCode, JobBusy, TransientError
-from schemas.jobs import MAX_RUN_ID, Job, JobMessage
+from schemas.jobs import MAX_RUN_ID, RUN_ID, Job, JobMessage
 from schemas.results import ErrorInfo, JobResult, Status, Timings
 from schemas.settings import Settings
 from worker.pipeline import Pipeline
@@ -64,7 +64,8 @@ class Outcome:
 def run_of(payload: Any) -> str | None:
     """The run a message's jobs count towards (a `JobMessage`'s `run_id`), if any."""
     run_id = payload.get("run_id") if isinstance(payload, dict) else None
-    return run_id if isinstance(run_id, str) and 0 < len(run_id) <= MAX_RUN_ID else None
+    valid = isinstance(run_id, str) and 0 < len(run_id) <= MAX_RUN_ID and RUN_ID.match(run_id)
+    return run_id if valid else None
 
 
 class MessagePolicy:
@@ -211,8 +212,12 @@ class MessagePolicy:
                            timings=Timings(finished_at=time.time()))
         self._results.fail([Settlement(result, run_id, source=job.source)])
 
-    def _unfinished(self, jobs: list[Job]) -> list[Job]:
+    def _unfinished(self, jobs: list[Job], run_id: str | None) -> list[Job]:
+        """The jobs not done; those done (by another run, maybe) count in `run_id` once."""
         statuses = self._results.statuses([job.job_id for job in jobs])
+        self._results.count_repeats([job.job_id for job, status in zip(jobs, statuses,
+                                                                        strict=True)
+                                     if status is Status.DONE], run_id)
         return [job for job, status in zip(jobs, statuses, strict=True)
                 if status is not Status.DONE]
 
@@ -222,7 +227,7 @@ class MessagePolicy:
         self._dead_letters.end_delivery(message_id)
         try:
             jobs = self._valid_jobs(payload, message_id, queue)
-            unfinished = self._unfinished(jobs)
+            unfinished = self._unfinished(jobs, run_of(payload))
         except Exception:  # what failed on every delivery may fail here too: quarantine anyway
             log.exception("message %s: its jobs could not be read for the quarantine",
                           message_id)
@@ -252,7 +257,7 @@ class MessagePolicy:
 
     def _give_up(self, jobs: list[Job], error: TransientError, payload: Any, message_id: str,
                  queue: str | None) -> None:
-        for job in self._unfinished(jobs):
+        for job in self._unfinished(jobs, run_of(payload)):
             self._fail_now(job, error.code, f"gave up after retries: {error.message}",
                            run_of(payload))
         self._dead_letters.add(payload=payload, code=error.code, error=error.message,

@@ -186,6 +186,12 @@ class ShardWriter:
             first_of.setdefault(row.job.job_id, i)
         unique = [rows[i] for i in first_of.values()]
         outcomes = dict(zip(first_of, self._write_unique(unique, modality), strict=True))
+        for run_id in {row.run_id for row in rows} - {None}:
+            # A copy from another run than the one whose copy was written counts there too.
+            copies = [row.job.job_id for i, row in enumerate(rows)
+                      if row.run_id == run_id and first_of[row.job.job_id] != i
+                      and rows[first_of[row.job.job_id]].run_id != run_id]
+            self._results.count_repeats(copies, run_id)
         return [outcomes[row.job.job_id] for row in rows]
 
     def _write_unique(self, rows: Sequence[OutputRow], modality: str) -> list[RowOutcome]:

@@ -87,6 +87,9 @@ class Pipeline:
                                  code=ErrorCode.INTERNAL)
         earlier = (self._results.get_many([job.job_id for job in jobs]) if recheck
                    else [None] * len(jobs))
+        settled = [job.job_id for job, result in zip(jobs, earlier, strict=True)
+                   if result is not None and result.status is Status.DONE]
+        self._results.count_repeats(settled, run_id)  # done by another run, maybe
         return [self._admit(job, attempts, run_id, result).future
                 for job, result in zip(jobs, earlier, strict=True)]
 

@@ -72,7 +72,7 @@ def build_runtime(settings: Settings, encoder: Encoder | None = None) -> Runtime
                                channels_last=settings.channels_last, compile=settings.compile)
     client = redis_client(settings)
     keys = RedisKeys(settings.key_prefix)
-    results = ResultStore(client, keys, settings.result_ttl_s)
+    results = ResultStore(client, keys, settings.result_ttl_s, settings.claim_lease_s)
     dead_letters = DeadLetterStore(client, keys)
     writer = ShardWriter(output_store(settings), results, worker=worker_name(),
                          lease_s=settings.claim_lease_s)
