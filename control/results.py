@@ -559,6 +559,10 @@ class RunStore:
         return bool(self._lock_script(keys=[self._keys.run_lock(run_id)],
                                       args=[owner, ttl_s]))
 
+    def lock_holder(self, run_id: str) -> str | None:
+        holder = self._redis.get(self._keys.run_lock(run_id))
+        return holder.decode() if isinstance(holder, bytes) else None
+
     def unlock(self, run_id: str, owner: str) -> None:
         self._unlock_script(keys=[self._keys.run_lock(run_id)], args=[owner])
 

@@ -111,6 +111,9 @@ def bulk(source: str, model: str | None, labels: str | None, templates: str, top
                    f" of {progress.queued} still to settle")
     else:
         owner = f"{socket.gethostname()}-{os.getpid()}"
+        holder = client.runs.lock_holder(run)
+        if holder is not None and _dead_here(holder):
+            client.runs.unlock(run, holder)  # a killed `bulk` on this machine: take over
         if not client.runs.lock(run, owner, RUN_LOCK_TTL_S):
             raise click.ClickException(f"another `dualstream bulk` is publishing run {run}; "
                                        f"wait for it (or up to {RUN_LOCK_TTL_S} s if it died)")
@@ -137,6 +140,20 @@ def bulk(source: str, model: str | None, labels: str | None, templates: str, top
 
 
 RUN_LOCK_TTL_S = 30
+
+
+def _dead_here(holder: str) -> bool:
+    """Whether a lock holder (`<host>-<pid>`) was a process of this machine that is gone."""
+    host, _, pid = holder.rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _holding(client: Client, run: str, owner: str, jobs: Iterator[Job]) -> Iterator[Job]:

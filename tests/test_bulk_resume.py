@@ -68,3 +68,16 @@ def test_an_interrupted_bulk_run_resumes_after_its_cursor_and_counts_each_job_on
     assert third.returncode == 0 and "every job is already queued" in out, out + err
     assert sum(queued_sources(broker).values()) == FILES + resent, "nothing sent again"
     assert client.run_progress(run_id).queued == FILES
+
+
+def test_a_run_another_producer_is_publishing_is_refused(redis_url: str,
+                                                        tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"")
+    run_id = BulkRequest(source=str(folder), model=MODEL).run_id
+    Client(Settings(redis_url=redis_url, model=MODEL)).runs.lock(run_id, "elsewhere-1", 30)
+    refused = bulk(folder, redis_url)
+    out, err = refused.communicate(timeout=60)
+    assert refused.returncode == 1 and "another `dualstream bulk` is publishing" in err
+    assert redis.Redis.from_url(redis_url).llen(queue_name(MODEL)) == 0
