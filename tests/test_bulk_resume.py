@@ -78,6 +78,6 @@ def test_a_run_another_producer_is_publishing_is_refused(redis_url: str,
     run_id = BulkRequest(source=str(folder), model=MODEL).run_id
     Client(Settings(redis_url=redis_url, model=MODEL)).runs.lock(run_id, "elsewhere-1", 30)
     refused = bulk(folder, redis_url)
-    out, err = refused.communicate(timeout=60)
+    _, err = refused.communicate(timeout=60)
     assert refused.returncode == 1 and "another `dualstream bulk` is publishing" in err
     assert redis.Redis.from_url(redis_url).llen(queue_name(MODEL)) == 0
