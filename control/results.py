@@ -526,16 +526,6 @@ class RunStore:
         self._lock_script = client.register_script(_LOCK)
         self._unlock_script = client.register_script(_UNLOCK)
 
-    def queued(self, run_id: str, count: int, cursor: str | None = None) -> None:
-        """Count jobs just published under the run; `cursor`: the last source they listed."""
-        key = self._keys.run(run_id)
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.hincrby(key, "queued", count)
-        if cursor is not None:
-            pipe.hset(key, "cursor", cursor)
-        pipe.expire(key, self._ttl_s)
-        pipe.execute()
-
     def listed(self, run_id: str) -> None:
         """The producer published every job of this pass."""
         self._redis.hset(self._keys.run(run_id), "listed", 1)

@@ -35,7 +35,6 @@ from typing import Literal
 from schemas.errors import ErrorCode
 from schemas.results import ErrorInfo, JobResult, LabelScore, OutputLocation, Status, Timings
 
-QUEUED = b"q"
 NO_RUN = b"\0\0\0"
 TIME_ORIGIN_MS = 1_577_836_800_000  # 2020-01-01: 5 bytes of milliseconds from it reach 2054
 EmbeddingDtype = Literal["float32", "float16"]

@@ -8,12 +8,14 @@ import pytest
 import redis
 
 from control.publish import _PUBLISH as PUBLISH_SCRIPT
+from control.publish import RunCount, TaskPublisher
 from control.results import _ENQUEUE as ENQUEUE_SCRIPT
 from control.results import Claim, Reservation, ResultStore, RunStore, Settlement
 from schemas.errors import ErrorCode
 from schemas.keys import RedisKeys
 from schemas.records import encode_done, record_status
 from schemas.results import ErrorInfo, JobResult, LabelScore, OutputLocation, Status
+from schemas.settings import Settings
 
 KEYS = RedisKeys("t-store")
 SHARD = "s3://b/out/m/image/261130133240-0123456789.npy"
@@ -49,6 +51,12 @@ def write(results: ResultStore, job_ids: list[str], run_id: str | None = None,
     claims = results.reserve([record(j, shard, run_id) for j in job_ids], shard, lease_s=30)
     results.commit(shard, SHARD)
     return claims
+
+
+def queue(client: redis.Redis, run_id: str, count: int, cursor: str | None = None) -> None:
+    """What a producer's publish adds to its run (control/publish.py), without messages."""
+    settings = Settings(redis_url="redis://unused", model="m", key_prefix=KEYS.prefix)
+    TaskPublisher(client, settings).publish([], RunCount(run_id, count, cursor))
 
 
 def failed(job_id: str, code: ErrorCode = ErrorCode.CORRUPT_IMAGE) -> JobResult:
@@ -88,8 +96,9 @@ def test_rows_are_numbered_as_won_and_read_as_done_once_the_shard_is_committed(
 
 
 def test_a_run_counts_a_job_when_its_shard_commits_once(results: ResultStore,
-                                                        runs: RunStore) -> None:
-    runs.queued("run-1", 3)
+                                                        runs: RunStore,
+                                                        client: redis.Redis) -> None:
+    queue(client, "run-1", 3)
     shard = "s-1"
     results.reserve([record(j, shard, "run-1") for j in ["a", "b"]], shard, lease_s=30)
     assert runs.progress("run-1").done == 0  # reserved, not committed
@@ -166,9 +175,9 @@ def test_an_expired_reservation_is_taken_over_only_when_asked(results: ResultSto
 
 
 def test_a_run_is_finished_once_listed_and_every_queued_job_settled(
-        results: ResultStore, runs: RunStore) -> None:
+        results: ResultStore, runs: RunStore, client: redis.Redis) -> None:
     assert not runs.progress("run-1").exists
-    runs.queued("run-1", 2, cursor="s3://b/p/001.jpg")
+    queue(client, "run-1", 2, cursor="s3://b/p/001.jpg")
     write(results, ["a", "b"], "run-1")
     progress = runs.progress("run-1")
     assert progress.cursor == "s3://b/p/001.jpg" and not progress.finished
