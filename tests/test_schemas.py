@@ -11,7 +11,15 @@ from pydantic import ValidationError
 from pydantic_core.core_schema import ErrorType
 
 from schemas.errors import ErrorCode
-from schemas.jobs import MAX_LABELS, MAX_TEXT_CHARS, Job, JobMessage, Task, ZeroShotOptions
+from schemas.jobs import (
+    MAX_LABEL_CHARS,
+    MAX_LABELS,
+    MAX_TEXT_CHARS,
+    Job,
+    JobMessage,
+    Task,
+    ZeroShotOptions,
+)
 from schemas.keys import model_slug, queue_name
 from worker.validation import validation_code, validation_message
 
@@ -156,3 +164,20 @@ def test_a_jobs_id_is_computed_once_and_a_changed_copy_gets_its_own() -> None:
     assert changed.job_id != first
     assert changed.job_id == Job(task=Task.TEXT_EMBEDDING, text="a dog", model="m").job_id
     assert job == Job(task=Task.TEXT_EMBEDDING, text="a cat", model="m"), "equality is by fields"
+
+
+def test_a_label_over_the_length_limit_makes_an_invalid_job() -> None:
+    from worker.validation import validation_code
+
+    with pytest.raises(ValidationError) as raised:
+        ZeroShotOptions(labels=["cat", "x" * (MAX_LABEL_CHARS + 1)])
+    assert validation_code(raised.value) is ErrorCode.INVALID_JOB
+    assert ZeroShotOptions(labels=["x" * MAX_LABEL_CHARS]).labels  # at the limit: fine
+
+
+@pytest.mark.parametrize("run_id", ["run:1", "run 1", "run/1", "", "r" * 129])
+def test_a_run_id_is_letters_digits_dots_underscores_and_dashes(run_id: str) -> None:
+    job = Job(task=Task.TEXT_EMBEDDING, model="m", text="hello")
+    with pytest.raises(ValidationError):
+        JobMessage(jobs=[job], run_id=run_id)
+    assert JobMessage(jobs=[job], run_id="run-1.a_b").run_id == "run-1.a_b"
