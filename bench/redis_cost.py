@@ -10,9 +10,10 @@ zero-shot over small local JPEGs, `--labels` labels, no embedding kept in Redis,
 1. Enqueue, with no worker: Redis's CPU time (`INFO cpu`, less its idle rate) and its
    commands by name (`INFO commandstats`) per job; the bytes a queued job holds (its share of
    its message), from the keyspace: every key's `MEMORY USAGE` and the hash tables.
-2. A ready worker runs the queue to the end: the same per job, less what the worker costs
-   Redis while idle (heartbeats, blocking fetches: measured after, per second, and reported);
-   then the bytes a finished job keeps (the queue empty again). The bench watches the queue
+2. A worker starts and runs the queue to the end: the same per job, less Redis's idle rate
+   while the worker loads and what the worker costs Redis while idle after (heartbeats,
+   blocking fetches: measured after, per second, and reported); then the bytes a finished job
+   keeps (the queue empty again). The bench watches the queue
    and the in-flight lists only (a few commands a second, subtracted).
 3. Single submissions (`--singles`, default 64), one message each, read back once each: the
    commands each costs, by name.
@@ -196,17 +197,22 @@ def _measure(url: str, model: str, paths: list[str], per_message: int, labels: i
     keys_queued = _key_bytes(client)
 
     polls: Counter[str] = Counter()
+    # From before the worker starts (it fetches as soon as it can, before it says it is
+    # ready); Redis's idle rate is taken off until it is ready, the idle worker's after.
+    phase = _Phase(client, 0.0)
+    started = time.monotonic()
     worker = _worker(url, model, workdir, "worker.log")
     try:
         wait_until(lambda: _ready(workdir), worker, 300, "the worker ready")
-        phase = _Phase(client, 0.0)
+        loading_s = time.monotonic() - started
         wait_until(lambda: _drained(client, queue_name(model), polls), worker, 900,
                    "every message handled")
         raw = phase.per_job(len(ids), exclude, polls)
         worker_idle = _idle_rate(client)  # its heartbeats and blocking fetches, with no work
+        idle_s = idle * loading_s + worker_idle * (raw["seconds"] - loading_s)
         worked = {**raw, "redis_cpu_us_per_job": round(max(
-            0.0, raw["redis_cpu_us_per_job_with_idle"] - worker_idle * raw["seconds"] * 1e6
-            / len(ids)), 3), "idle_cpu_share": round(worker_idle, 4)}
+            0.0, raw["redis_cpu_us_per_job_with_idle"] - idle_s * 1e6 / len(ids)), 3),
+            "idle_cpu_share": round(worker_idle, 4), "loading_s": round(loading_s, 1)}
     finally:
         worker.stop()
     statuses = producer.results.statuses(ids)
