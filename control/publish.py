@@ -81,6 +81,11 @@ class TaskPublisher:
                                          (count.cursor or "") if count else "", TOKEN_TTL_S,
                                          self._run_ttl_s]
         args += [self.task_message(queue, argument) for queue, argument in messages]
+        if not self._replicas:
+            self._script(keys=keys, args=args)  # EVALSHA: one round trip
+            return
+        # A pipeline, so that the WAITs go on the connection that wrote (redis-py checks the
+        # script with SCRIPT EXISTS first: one more round trip, where replicas are awaited).
         execute_replicated(self._redis,
                            lambda pipe: self._script(keys=keys, args=args, client=pipe),
                            self._replicas, self._timeout_ms)
