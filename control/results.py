@@ -34,7 +34,6 @@ import redis
 from schemas.keys import RedisKeys
 from schemas.records import (
     TIME_ORIGIN_MS,
-    EmbeddingDtype,
     decode_record,
     encode_record,
     record_status,
@@ -336,7 +335,6 @@ class Settlement:
 
     result: JobResult
     run_id: str | None = None
-    dtype: EmbeddingDtype = "float32"
     source: str = ""
 
 
@@ -497,7 +495,7 @@ class ResultStore:
                                          int(self._lease_s * 1000)]
         for s in settlements:
             error = s.result.error
-            args += [encode_record(s.result, s.run_id, s.dtype),
+            args += [encode_record(s.result, s.run_id),
                      number.get(s.run_id or "", 0),
                      error.code.value if error else "", _failure_line(s)]
         return [bool(flag) for flag in self._fail_script(keys=keys, args=args)]

@@ -28,11 +28,15 @@ SMALL = ("tiny.images=6", "tiny.latency_jobs=2", "tiny.warmup_jobs=2", "tiny.rep
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    return run_bench(tmp_path_factory.mktemp("bench"), "--setting", "jpeg_draft=true")
+
+
+def run_bench(tmp_path: Path, *extra: str) -> dict[str, object]:
+    """`python -m bench` on the tiny model at the SMALL sizes; its JSON report."""
     require("redis-server")
-    tmp_path = tmp_path_factory.mktemp("bench")
     args = ["--models", "tiny", "--workdir", str(tmp_path / "work"),
             "--model-cache", str(tmp_path / "models"), "--json", str(tmp_path / "bench.json"),
-            "--setting", "jpeg_draft=true"]
+            *extra]
     for override in SMALL:
         args += ["--set", override]
     result = CliRunner().invoke(bench_command, args, catch_exceptions=False)
@@ -72,18 +76,8 @@ def test_batch_fill_is_read_from_the_committed_shards(report: dict[str, object])
 
 @pytest.fixture(scope="module")
 def text_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    require("redis-server")
-    tmp_path = tmp_path_factory.mktemp("bench-text")
-    args = ["--models", "tiny", "--modality", "text", "--texts", "8",
-            "--workdir", str(tmp_path / "work"), "--model-cache", str(tmp_path / "models"),
-            "--json", str(tmp_path / "bench.json")]
-    for override in SMALL:
-        args += ["--set", override]
-    result = CliRunner().invoke(bench_command, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    assert "b. dualstream" in result.output and "b/c" in result.output
-    loaded: dict[str, object] = json.loads((tmp_path / "bench.json").read_text())
-    return loaded
+    return run_bench(tmp_path_factory.mktemp("bench-text"), "--modality", "text",
+                     "--texts", "8")
 
 
 def test_text_mode_runs_every_mode_on_text_embedding_jobs(

@@ -44,7 +44,7 @@ def failed_result(item: Item, exc: BaseException) -> JobResult:
 
 
 def settlement(item: Item, result: JobResult) -> Settlement:
-    return Settlement(result, item.run_id, item.job.embedding_dtype, item.job.source)
+    return Settlement(result, item.run_id, source=item.job.source)
 
 
 def as_transient(exc: BaseException) -> TransientError | None:
