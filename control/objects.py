@@ -58,6 +58,7 @@ class OutputStore(Protocol):
     def put(self, key: str, data: bytes) -> None: ...
     def get(self, key: str) -> bytes | None: ...
     def exists(self, key: str) -> bool: ...
+    def delete(self, key: str) -> None: ...
     def list(self, prefix: str) -> Iterator[str]: ...
     def uri(self, key: str) -> str: ...
 
@@ -84,6 +85,9 @@ class LocalOutputStore:
 
     def exists(self, key: str) -> bool:
         return (self._dir / key).is_file()
+
+    def delete(self, key: str) -> None:
+        (self._dir / key).unlink(missing_ok=True)
 
     def list(self, prefix: str) -> Iterator[str]:
         base = self._dir / prefix
@@ -133,6 +137,12 @@ class S3OutputStore:
             if isinstance(s3_error(exc, key), SourceError):
                 return False
             raise TransientError(f"checking {self.uri(key)} failed: {exc}") from exc
+
+    def delete(self, key: str) -> None:
+        try:
+            self._s3.delete_object(Bucket=self._bucket, Key=self._key(key))
+        except (ClientError, BotoCoreError) as exc:
+            raise TransientError(f"deleting {self.uri(key)} failed: {exc}") from exc
 
     def list(self, prefix: str) -> Iterator[str]:
         start = len(self._prefix) + 1 if self._prefix else 0

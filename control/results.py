@@ -17,12 +17,16 @@ whether the dead writer's shard was committed after all. Each step is one Lua sc
   finds a dead one's shard committed).
 - `fail`: records failed jobs and counts them (a job whose row is done is left as it is).
 
+A reservation taken over (or failed) after its lease revokes its shard: the shard's key is set
+to '' so the first writer's commit, if it was only slow, fails and nothing counts twice.
+
 So a run's counters stay exact whatever the workers die of, a bulk job costs Redis one write,
 and a job's status is one read away.
 """
 
 from __future__ import annotations
 
+import enum
 import time
 import uuid
 from collections.abc import Sequence
@@ -86,6 +90,16 @@ end
 local function same_run(a, b)
   return string.sub(a, 2, 4) == string.sub(b, 2, 4)
 end
+-- A shard's key holds its URI once committed, or '' once revoked (see `revoke`).
+local function committed(shard_key)
+  local uri = redis.call('GET', shard_key)
+  return uri and uri ~= ''
+end
+-- A writer whose reservation is taken from it must not commit its shard afterwards: its
+-- key is set to '' first, so that the shard's own `SET NX` at commit fails.
+local function revoke(shard_key, ttl)
+  redis.call('SET', shard_key, '', 'NX', 'EX', ttl)
+end
 """.replace("ORIGIN", str(TIME_ORIGIN_MS))
 
 # KEYS: n records, the shard's pending counts, then per run its counters and repeats set.
@@ -134,7 +148,7 @@ for i = 1, n do
       local held = shard_of(old)
       if held == shard then
         out[i] = row_of(old)  -- this shard's own reservation (a script run twice): as it is
-      elseif redis.call('EXISTS', shard_prefix .. held) == 1 then
+      elseif committed(shard_prefix .. held) then
         out[i] = 'done'
         if run > 0 and not same_run(old, record) and
             redis.call('SADD', KEYS[n + 1 + 2 * run], key) == 1 then
@@ -145,6 +159,7 @@ for i = 1, n do
       elseif now - time_of(old) < lease then
         out[i] = 'busy:' .. held .. ':' .. time_of(old)
       elseif takeover then
+        revoke(shard_prefix .. held, ttl)
         win(i, key, record, run, nil)
       else
         out[i] = 'taken:' .. held
@@ -170,8 +185,12 @@ return out
 
 # KEYS: the shard's key, its pending counts. ARGV: its URI, ttl (s), the run key prefix.
 # Run keys are named from the pending counts, so this script is for one Redis, not a cluster.
+# Returns 1 when committed now, 2 when it was already, 0 when the shard was revoked.
 _COMMIT = """
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 0 end
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  if redis.call('GET', KEYS[1]) == '' then return 0 end
+  return 2
+end
 local counts = redis.call('HGETALL', KEYS[2])
 for j = 1, #counts, 2 do
   local run, field = string.match(counts[j], '^(.*)\t(.*)$')
@@ -220,7 +239,7 @@ local added = 0
 for i = 1, n do
   local old = redis.call('GET', KEYS[i])
   local state = old and string.sub(old, 1, 1)
-  local done = state == 'd' and #old >= 17 and redis.call('EXISTS', prefix .. shard_of(old)) == 1
+  local done = state == 'd' and #old >= 17 and committed(prefix .. shard_of(old))
   local failed = state == 'f' and #old >= 12
   if (done or failed) and string.sub(old, 2, 4) ~= tag and
       redis.call('SADD', repeats, KEYS[i]) == 1 then
@@ -273,7 +292,7 @@ for i = 1, n do
   local was = old and string.sub(old, 1, 1)
   local same = old and same_run(old, value)
   local whole = was == 'd' and #old >= 17
-  local done = whole and redis.call('EXISTS', shard_prefix .. shard_of(old)) == 1
+  local done = whole and committed(shard_prefix .. shard_of(old))
   local held = whole and not done and now - time_of(old) < lease
   if done or held or (was == 'f' and #old >= 12) then
     out[i] = 0  -- done, being written by a live writer, or failed already
@@ -287,6 +306,7 @@ for i = 1, n do
       end
     end
   else
+    if whole then revoke(shard_prefix .. shard_of(old), ttl) end  -- a dead writer's
     redis.call('SET', key, value, 'EX', ttl)
     out[i] = 1
     if run > 0 then
@@ -307,6 +327,12 @@ for run = 1, runs do
 end
 return out
 """
+
+
+class Commit(enum.Enum):
+    COMMITTED = "committed"  # now, by this call: its counts went to its runs
+    ALREADY = "already"  # by an earlier call
+    REVOKED = "revoked"  # never: its rows are another writer's now
 
 
 @dataclass(frozen=True)
@@ -456,12 +482,13 @@ class ResultStore:
         now_ms = int(time.time() * 1000)
         return [bool(flag) for flag in self._holds_script(keys=keys, args=[shard, now_ms])]
 
-    def commit(self, shard: str, uri: str) -> bool:
+    def commit(self, shard: str, uri: str) -> Commit:
         """The shard's manifest is written: its rows' records now read as done, and their
-        counts go to their runs. True the first time (the only time anything is counted)."""
+        counts go to their runs, the first time only. A shard revoked (another writer took
+        one of its rows over, or failed it, after its lease) is never committed."""
         keys = [self._keys.shard(shard), self._keys.shard_runs(shard)]
-        return bool(self._commit_script(keys=keys, args=[uri, self._ttl_s,
-                                                         self._keys.run("")]))
+        state = self._commit_script(keys=keys, args=[uri, self._ttl_s, self._keys.run("")])
+        return (Commit.REVOKED, Commit.COMMITTED, Commit.ALREADY)[int(state)]
 
     def release(self, job_ids: Sequence[str], shard: str) -> None:
         """A shard that will not be committed gives its reservations up at once."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import threading
 import time
 from typing import Any
 
@@ -244,3 +245,59 @@ def test_the_check_before_a_commit_renews_the_reservations_it_finds_held(
     [claim] = results.reserve([Reservation(row.job.job_id, row_record(row, "shard-b", 0))],
                               "shard-b", lease_s=0.4)
     assert claim.state == "taken"
+
+
+class _StalledManifests(S3OutputStore):
+    """An S3 store whose manifest writes wait for `go`: a writer stalled past its lease."""
+
+    def __init__(self, root: str, s3: Any) -> None:
+        super().__init__(root, s3)
+        self.stalled = threading.Event()
+        self.go = threading.Event()
+
+    def put(self, key: str, data: bytes) -> None:
+        if key.endswith(".json") and not self.go.is_set():
+            self.stalled.set()
+            self.go.wait(10)
+        super().put(key, data)
+
+
+def test_a_writer_stalled_past_its_lease_never_commits_a_second_row(
+        s3: Any, bucket: str, results: ResultStore) -> None:
+    """Its rows were taken over while its manifest was on the way: its commit is refused,
+    its manifest deleted, and a later writer does not take that shard for committed."""
+    batch = rows(3)
+    slow_store = _StalledManifests(f"s3://{bucket}/out", s3)
+    slow = ShardWriter(slow_store, results, worker="slow", lease_s=0.2)
+    outcome: list[Any] = []
+    thread = threading.Thread(target=lambda: outcome.extend(slow.write(batch[:2], "image")))
+    thread.start()
+    assert slow_store.stalled.wait(10)
+    time.sleep(0.3)  # past the slow writer's lease
+    store = S3OutputStore(f"s3://{bucket}/out", s3)
+    taker = ShardWriter(store, results, worker="taker", lease_s=0.2).write(batch[:1], "image")
+    assert taker[0].location is not None
+    slow_store.go.set()
+    thread.join(10)
+    assert [o.busy is not None for o in outcome] == [True, True]
+    assert sorted(committed_rows(store)) == [batch[0].job.job_id]
+    # The row the taker left stands; the other goes to whoever writes it next.
+    [status_0, status_1] = results.statuses([r.job.job_id for r in batch[:2]])
+    assert (status_0, status_1) == (Status.DONE, None)
+    again = ShardWriter(store, results, worker="w", lease_s=0.2).write(batch, "image")
+    assert [o.already_done for o in again] == [True, False, False]
+    assert sorted(committed_rows(store)) == sorted(r.job.job_id for r in batch)
+
+
+def test_a_revoked_shards_leftover_manifest_is_not_taken_for_committed(
+        store: S3OutputStore, results: ResultStore) -> None:
+    """A writer revoked after writing its manifest, which died before deleting it."""
+    batch = rows(2)
+    first = ShardWriter(store, results, worker="w", lease_s=0.05).write(batch, "image")
+    shard = shard_id_of(first[0].location.shard)  # type: ignore[union-attr]
+    uncommit(results, first)
+    results._redis.set(RedisKeys().shard(shard), "")  # revoked, as a takeover leaves it
+    time.sleep(0.1)
+    second = ShardWriter(store, results, worker="w2", lease_s=0.05).write(batch, "image")
+    assert all(o.location is not None and shard_id_of(o.location.shard) != shard
+               for o in second)

@@ -10,7 +10,7 @@ import redis
 from control.publish import _PUBLISH as PUBLISH_SCRIPT
 from control.publish import RunCount, TaskPublisher
 from control.results import _ENQUEUE as ENQUEUE_SCRIPT
-from control.results import Claim, Reservation, ResultStore, RunStore, Settlement
+from control.results import Claim, Commit, Reservation, ResultStore, RunStore, Settlement
 from schemas.errors import ErrorCode
 from schemas.keys import RedisKeys
 from schemas.records import encode_done, record_status
@@ -87,7 +87,8 @@ def test_rows_are_numbered_as_won_and_read_as_done_once_the_shard_is_committed(
     assert [(c.state, c.row) for c in claims] == [("new", 0), ("busy", None), ("new", 1)]
     assert results.statuses(["a", "b"]) == [Status.RUNNING] * 2
     assert results.enqueue(["a"]) == [False]  # being written: not sent again
-    assert results.commit(shard, SHARD) and not results.commit(shard, SHARD)
+    assert results.commit(shard, SHARD) is Commit.COMMITTED
+    assert results.commit(shard, SHARD) is Commit.ALREADY
     [a, b] = ResultStore(client, KEYS, ttl_s=3600).get_many(["a", "b"])
     assert a is not None and a.status is Status.DONE
     assert a.output == OutputLocation(shard=SHARD, row=0) and a.labels == LABELS
@@ -172,6 +173,9 @@ def test_an_expired_reservation_is_taken_over_only_when_asked(results: ResultSto
     assert (again.state, again.row) == ("new", 7)
     assert results.still_held(["n"], "s2") == [True]
     assert results.still_held(["n"], "s1") == [False]
+    assert results.commit("s1", SHARD) is Commit.REVOKED  # s1's writer was only slow
+    assert results.statuses(["n"]) == [Status.RUNNING]
+    assert results.commit("s2", SHARD) is Commit.COMMITTED
 
 
 def test_a_run_is_finished_once_listed_and_every_queued_job_settled(
@@ -258,7 +262,8 @@ def test_a_dead_writers_reservation_gives_way_to_a_failure(results: ResultStore,
     time.sleep(0.05)
     assert stale.fail([Settlement(failed("a"), "run-1")]) == [True]
     assert results.statuses(["a"]) == [Status.FAILED]
-    assert runs.progress("run-1").failed == 1
+    assert results.commit("dead", SHARD) is Commit.REVOKED  # it was only slow: too late
+    assert (runs.progress("run-1").done, runs.progress("run-1").failed) == (0, 1)
 
 
 def test_a_publish_sent_twice_pushes_and_counts_once(client: redis.Redis) -> None:

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from control.objects import OutputStore
-from control.results import Claim, Reservation, ResultStore
+from control.results import Claim, Commit, Reservation, ResultStore
 from schemas.errors import JobBusy
 from schemas.jobs import Job
 from schemas.keys import ShardPaths
@@ -246,8 +246,10 @@ class ShardWriter:
         committed in Redis too, once); None if it was not."""
         if shard not in cache:
             cache[shard] = self._committed_shard(paths, shard)
-            if cache[shard] is not None:
-                self._results.commit(shard, self._store.uri(paths.embeddings(shard)))
+            uri = self._store.uri(paths.embeddings(shard))
+            if cache[shard] is not None and self._results.commit(shard, uri) is Commit.REVOKED:
+                # Its writer lost a row after its lease and wrote the manifest anyway.
+                cache[shard] = None
         committed = cache[shard]
         return committed.outcome(row.job) if committed is not None else None
 
@@ -296,8 +298,22 @@ class ShardWriter:
             self._release_quietly(job_ids, shard)
             raise
         uri = self._store.uri(paths.embeddings(shard))
-        self._results.commit(shard, uri)
+        if self._results.commit(shard, uri) is Commit.REVOKED:
+            # Stalled past the lease after the check above: a row was taken over or failed
+            # meanwhile, so the shard never counts; what it still holds goes back.
+            self._release_quietly(job_ids, shard)
+            self._delete_quietly(paths.manifest(shard))
+            lost = JobBusy("reservation lost to another writer", retry_after_s=1.0)
+            return [RowOutcome(busy=lost) for _ in rows]
         return [RowOutcome(location=OutputLocation(shard=uri, row=i)) for i in range(len(rows))]
+
+    def _delete_quietly(self, key: str) -> None:
+        """A revoked shard's manifest goes, so no reader takes its rows for committed ones
+        (Redis says revoked anyway, while the shard's key lasts)."""
+        try:
+            self._store.delete(key)
+        except Exception:
+            log.warning("could not delete the revoked manifest %s", key, exc_info=True)
 
     def _release_quietly(self, job_ids: list[str], shard: str) -> None:
         try:
