@@ -7,9 +7,9 @@ producer near 6,000 jobs a second at 32 jobs a message. The messages built here 
 `send_task` sends through this project's Redis transport, field for field (tests/test_publish.py
 compares them), so a worker cannot tell them apart.
 
-A batch's pushes and its run's `queued` count and cursor are one script, run once per call (a
-token key): a producer killed mid-batch leaves all of it or none, and redis-py sending the
-script again after a lost reply changes nothing.
+A batch's pushes, its run's `queued` count and cursor, and single submissions' `queued`
+records are one script, run once per call (a token key): a producer killed mid-batch leaves
+all of it or none, and redis-py sending the script again after a lost reply changes nothing.
 """
 
 from __future__ import annotations
@@ -32,12 +32,30 @@ _COMPACT = (",", ":")
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 TOKEN_TTL_S = 3600
 
-# KEYS: the call's token, the run's counters (the token again without a run), then one queue
-# per message. ARGV: jobs to count (-1: no run), cursor ('' for none), token ttl, run ttl,
-# then the messages.
+# KEYS: the call's token, the run's counters (the token again without a run), one queue per
+# message, then the records of each message's single submissions, message by message.
+# ARGV: jobs to count (-1: no run), cursor ('' for none), token ttl, run and record ttl,
+# resend (1/0), the call's id; then per message its body and how many records it has.
+# A message with records is pushed when one of its jobs is new or failed (now queued), or
+# with resend; a record that says queued, being written or done is never set back.
 _PUBLISH = """
 if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[3]) then return 0 end
-for i = 3, #KEYS do redis.call('LPUSH', KEYS[i], ARGV[i + 2]) end
+local ttl, resend, mine = ARGV[4], ARGV[5] == '1', 'q' .. ARGV[6]
+local messages = (#ARGV - 6) / 2
+local record = 2 + messages
+for m = 1, messages do
+  local jobs = tonumber(ARGV[6 + 2 * m])
+  local send = jobs == 0 or resend
+  for _ = 1, jobs do
+    record = record + 1
+    local state = string.sub(redis.call('GET', KEYS[record]) or '', 1, 1)
+    if state == '' or state == 'f' then
+      redis.call('SET', KEYS[record], mine, 'EX', ttl)
+      send = true
+    end
+  end
+  if send then redis.call('LPUSH', KEYS[2 + m], ARGV[5 + 2 * m]) end
+end
 if ARGV[1] ~= '-1' then
   redis.call('HINCRBY', KEYS[2], 'queued', ARGV[1])
   if ARGV[2] ~= '' then redis.call('HSET', KEYS[2], 'cursor', ARGV[2]) end
@@ -68,19 +86,28 @@ class TaskPublisher:
         self._script = client.register_script(_PUBLISH)
 
     def publish(self, messages: Sequence[tuple[str, dict[str, Any]]],
-                count: RunCount | None = None) -> None:
+                count: RunCount | None = None, *,
+                records: Sequence[Sequence[str]] | None = None, resend: bool = False) -> None:
         """Send each (queue, job message) as one `dualstream.process` task and add `count`
         to its run, all in one script and one round trip (acknowledged by
-        `redis_replicas_to_ack` replicas, where set)."""
+        `redis_replicas_to_ack` replicas, where set).
+
+        `records`, per message, names single submissions' jobs: each new or failed one gets
+        a `queued` record, and a message none of whose jobs is (all queued, being written or
+        done already) is not sent, unless `resend`."""
         if not messages and count is None:
             return
-        token = self._keys.publish_token(uuid.uuid4().hex)
+        call = uuid.uuid4().hex
+        token = self._keys.publish_token(call)
+        job_ids = records or [()] * len(messages)
         keys = [token, self._keys.run(count.run_id) if count else token]
         keys += [queue for queue, _ in messages]
+        keys += [self._keys.record(job_id) for ids in job_ids for job_id in ids]
         args: list[str | bytes | int] = [count.queued if count else -1,
                                          (count.cursor or "") if count else "", TOKEN_TTL_S,
-                                         self._run_ttl_s]
-        args += [self.task_message(queue, argument) for queue, argument in messages]
+                                         self._run_ttl_s, int(resend), call[:8]]
+        for (queue, argument), ids in zip(messages, job_ids, strict=True):
+            args += [self.task_message(queue, argument), len(ids)]
         if not self._replicas:
             self._script(keys=keys, args=args)  # EVALSHA: one round trip
             return

@@ -1,8 +1,9 @@
 """Per-job records, row reservations and run counters in Redis.
 
 One string per job (schemas/records.py) carries its whole life: `q` when a single submission
-is queued (bulk jobs have nothing until their row is reserved), then its result, written once,
-by the shard writer that reserves the job's row, before the row is written. A done record
+is queued (by the publish script, control/publish.py; bulk jobs have nothing until their row
+is reserved), then its result, written once, by the shard writer that reserves the job's
+row, before the row is written. A done record
 names its shard and row, and counts as done once that shard is committed: `ds:shard:<id>`
 holds the shard's URI from the moment its manifest is written. Until then it is the job's
 claim: another writer finds it busy, or, once its lease is over, takes it over after checking
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import enum
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -47,26 +47,6 @@ from schemas.results import JobResult, RunProgress, Status
 
 # Redis answers this many keys at once in well under a millisecond.
 _READ_CHUNK = 2048
-
-# ARGV: ttl, resend (1/0), the call's token: a queued record is `q<token>`, so that the same
-# call sent again (redis-py retrying after a lost reply) still sends what it queued.
-_ENQUEUE = """
-local ttl, resend, mine = ARGV[1], ARGV[2] == '1', 'q' .. ARGV[3]
-local out = {}
-for i, key in ipairs(KEYS) do
-  local value = redis.call('GET', key) or ''
-  local state = string.sub(value, 1, 1)
-  if state == '' or state == 'f' then
-    redis.call('SET', key, mine, 'EX', ttl)
-    out[i] = 1
-  elseif value == mine then
-    out[i] = 1
-  else  -- queued, reserved or done: a record is never set back
-    out[i] = resend and 1 or 0
-  end
-end
-return out
-"""
 
 # Offsets in a record (schemas/records.py), from 1: run tag 2-4, time 5-9 (ms since
 # 2020-01-01), row 14-15, the shard id's length at 16 (ids are under 128 bytes) and the id
@@ -395,7 +375,6 @@ class ResultStore:
         self._keys = keys
         self._ttl_s = ttl_s
         self._lease_s = lease_s  # settings.claim_lease_s, for `fail`
-        self._enqueue_script = client.register_script(_ENQUEUE)
         self._reserve_script = client.register_script(_RESERVE)
         self._commit_script = client.register_script(_COMMIT)
         self._holds_script = client.register_script(_HOLDS)
@@ -405,17 +384,6 @@ class ResultStore:
         self._repeats_script = client.register_script(_REPEATS)
 
     # Producers -----------------------------------------------------------------------------
-    def enqueue(self, job_ids: Sequence[str], *, resend: bool = False) -> list[bool]:
-        """Mark single submissions queued, in one round trip; True for each job to send:
-        one that is new or failed, or any with `resend` (a record that says queued, being
-        written or done stays as it is: a worker skips a done job's copy)."""
-        if not job_ids:
-            return []
-        keys = [self._keys.record(job_id) for job_id in job_ids]
-        flags = self._enqueue_script(keys=keys, args=[self._ttl_s, int(resend),
-                                                      uuid.uuid4().hex[:8]])
-        return [bool(flag) for flag in flags]
-
     def records(self, job_ids: Sequence[str]) -> list[bytes | None]:
         """Each job's record as it is (schemas/records.py), in one MGET per 2,048 jobs."""
         found: list[bytes | None] = []

@@ -88,7 +88,7 @@ class Client:
         jobs get no record until they settle: those done or in progress are skipped, and the
         run counts what was sent (`run_progress`), unless `count_in_run` is False (jobs it
         counted before, replayed from the dead-letter store). Jobs go out `MESSAGES_PER_TRIP`
-        messages at a time: one round trip to check them, one to publish and count them."""
+        messages at a time, in one round trip (and one more to check a run's jobs first)."""
         per_message = max(1, min(per_message, MAX_JOBS_PER_MESSAGE))
         ids: list[str] = []
         for group in _chunks(jobs, per_message * MESSAGES_PER_TRIP):
@@ -99,11 +99,12 @@ class Client:
                     skip_done: bool, count_in_run: bool) -> list[str]:
         ids = [job.job_id for job in group]
         if run_id is None:
-            send = self.results.enqueue(ids, resend=not skip_done)
-            new = [False] * len(ids)
+            # The publish script itself queues their records and skips what is not new.
+            send, new = [True] * len(ids), [False] * len(ids)
         else:
             send, new = self._run_choice(ids, run_id, skip_done)
         messages: list[tuple[str, dict[str, Any]]] = []
+        records: list[list[str]] = []
         for start in range(0, len(group), per_message):
             chunk = [job for job, chosen in zip(group[start:start + per_message],
                                                 send[start:start + per_message], strict=True)
@@ -111,13 +112,15 @@ class Client:
             by_model: dict[str, list[Job]] = {}
             for job in chunk:
                 by_model.setdefault(job.model, []).append(job)
-            messages += [(queue_name(model), pack_message(model_jobs, run_id))
-                         for model, model_jobs in by_model.items()]
+            for model, model_jobs in by_model.items():
+                messages.append((queue_name(model), pack_message(model_jobs, run_id)))
+                records.append([job.job_id for job in model_jobs] if run_id is None else [])
         count = (RunCount(run_id, sum(new), cursor=group[-1].source)
                  if run_id is not None and count_in_run else None)
-        # One script: the pushes and the run's count and cursor land together or not at all,
-        # so a producer killed here sends the whole batch again on resuming, counted once.
-        self.publisher.publish(messages, count)
+        # One script: the pushes and the run's count and cursor (or the single submissions'
+        # records) land together or not at all, so a producer killed here sends the whole
+        # batch again on resuming, counted once.
+        self.publisher.publish(messages, count, records=records, resend=not skip_done)
         return ids
 
     def _run_choice(self, ids: list[str], run_id: str,

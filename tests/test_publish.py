@@ -9,6 +9,7 @@ import redis
 
 from control.broker import producer_app
 from control.publish import TaskPublisher
+from producer.client import Client
 from schemas.jobs import Job, Task, pack_message
 from schemas.keys import TASK_NAME, queue_name
 from schemas.settings import Settings
@@ -43,3 +44,25 @@ def test_a_published_message_is_the_one_send_task_sends(redis_url: str) -> None:
         "correlation_id"]
     assert raw["properties"]["delivery_tag"] != json.loads(client.lindex(queue, 1))[
         "properties"]["delivery_tag"]
+
+
+def test_a_single_submission_is_one_round_trip_and_its_result_one_more(
+        redis_url: str, monkeypatch: Any) -> None:
+    """A single job's life in Redis: this publish, the worker's reservation and commit (one
+    each per batch), and this read: four round trips."""
+    client = Client(Settings(redis_url=redis_url, model="m"))
+    job = Job(task=Task.TEXT_EMBEDDING, text="warm", model="m")
+    client.submit(job)  # loads the script
+    client.status(job.job_id)
+    sent: list[int] = []
+    send = redis.connection.Connection.send_packed_command
+
+    def counted(self: redis.connection.Connection, *args: Any, **kwargs: Any) -> None:
+        sent.append(1)
+        send(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.connection.Connection, "send_packed_command", counted)
+    job_id = client.submit(Job(task=Task.TEXT_EMBEDDING, text="one", model="m"))
+    assert len(sent) == 1
+    assert client.results.get(job_id) is not None  # queued
+    assert len(sent) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -9,7 +10,6 @@ import redis
 
 from control.publish import _PUBLISH as PUBLISH_SCRIPT
 from control.publish import RunCount, TaskPublisher
-from control.results import _ENQUEUE as ENQUEUE_SCRIPT
 from control.results import Claim, Commit, Reservation, ResultStore, RunStore, Settlement
 from schemas.errors import ErrorCode
 from schemas.keys import RedisKeys
@@ -59,23 +59,36 @@ def queue(client: redis.Redis, run_id: str, count: int, cursor: str | None = Non
     TaskPublisher(client, settings).publish([], RunCount(run_id, count, cursor))
 
 
+def enqueue(client: redis.Redis, job_ids: list[str], resend: bool = False) -> list[bool]:
+    """Submit each job alone, as `Client.submit_many` does; whether its message was sent."""
+    settings = Settings(redis_url="redis://unused", model="m", key_prefix=KEYS.prefix)
+    client.delete("t-queue")
+    TaskPublisher(client, settings).publish(
+        [("t-queue", {"jobs": [job_id]}) for job_id in job_ids],
+        records=[[job_id] for job_id in job_ids], resend=resend)
+    sent = {json.loads(json.loads(raw)["body"])[0][0]["jobs"][0]
+            for raw in client.lrange("t-queue", 0, -1)}
+    return [job_id in sent for job_id in job_ids]
+
+
 def failed(job_id: str, code: ErrorCode = ErrorCode.CORRUPT_IMAGE) -> JobResult:
     return JobResult(job_id=job_id, status=Status.FAILED, attempts=1,
                      error=ErrorInfo(code=code, message="broken"))
 
 
-def test_a_single_submission_is_queued_once(results: ResultStore) -> None:
-    assert results.enqueue(["j1", "j2"]) == [True, True]
-    assert results.enqueue(["j1"]) == [False]
+def test_a_single_submission_is_queued_once(results: ResultStore, client: redis.Redis) -> None:
+    assert enqueue(client, ["j1", "j2"]) == [True, True]
+    assert enqueue(client, ["j1"]) == [False]
     assert results.statuses(["j1", "j2", "j3"]) == [Status.QUEUED, Status.QUEUED, None]
 
 
-def test_a_done_job_is_not_queued_again_a_failed_one_is(results: ResultStore) -> None:
+def test_a_done_job_is_not_queued_again_a_failed_one_is(results: ResultStore,
+                                                        client: redis.Redis) -> None:
     write(results, ["ok"])
     results.fail([Settlement(failed("bad"))])
-    assert results.enqueue(["ok", "bad"]) == [False, True]
+    assert enqueue(client, ["ok", "bad"]) == [False, True]
     assert results.statuses(["ok", "bad"]) == [Status.DONE, Status.QUEUED]
-    assert results.enqueue(["ok"], resend=True) == [True]
+    assert enqueue(client, ["ok"], resend=True) == [True]
     assert results.statuses(["ok"]) == [Status.DONE]  # never set back
 
 
@@ -86,7 +99,7 @@ def test_rows_are_numbered_as_won_and_read_as_done_once_the_shard_is_committed(
     claims = results.reserve([record(j, shard) for j in ["a", "x", "b"]], shard, lease_s=30)
     assert [(c.state, c.row) for c in claims] == [("new", 0), ("busy", None), ("new", 1)]
     assert results.statuses(["a", "b"]) == [Status.RUNNING] * 2
-    assert results.enqueue(["a"]) == [False]  # being written: not sent again
+    assert enqueue(client, ["a"]) == [False]  # being written: not sent again
     assert results.commit(shard, SHARD) is Commit.COMMITTED
     assert results.commit(shard, SHARD) is Commit.ALREADY
     [a, b] = ResultStore(client, KEYS, ttl_s=3600).get_many(["a", "b"])
@@ -212,13 +225,14 @@ def test_a_reservation_sent_twice_counts_once_and_keeps_its_rows(results: Result
     assert runs.progress("run-1").done == 2
 
 
-def test_an_enqueue_sent_twice_still_sends_what_it_queued(results: ResultStore,
-                                                          client: redis.Redis) -> None:
-    script = client.register_script(ENQUEUE_SCRIPT)
-    keys = [KEYS.record("j")]
-    assert script(keys=keys, args=[3600, 0, "token-1"]) == [1]
-    assert script(keys=keys, args=[3600, 0, "token-1"]) == [1]  # the same call, resent
-    assert script(keys=keys, args=[3600, 0, "token-2"]) == [0]  # another call
+def test_a_message_is_sent_if_any_of_its_single_submissions_is_new(
+        results: ResultStore, client: redis.Redis) -> None:
+    settings = Settings(redis_url="redis://unused", model="m", key_prefix=KEYS.prefix)
+    assert enqueue(client, ["old"]) == [True]
+    TaskPublisher(client, settings).publish([("t-queue", {"jobs": ["old", "new"]})],
+                                            records=[["old", "new"]])
+    assert client.llen("t-queue") == 2
+    assert results.statuses(["old", "new"]) == [Status.QUEUED] * 2
 
 
 def test_a_retried_failure_gives_way_at_reservation_even_if_that_shard_dies(
@@ -270,6 +284,8 @@ def test_a_publish_sent_twice_pushes_and_counts_once(client: redis.Redis) -> Non
     script = client.register_script(PUBLISH_SCRIPT)
     keys = [KEYS.publish_token("t1"), KEYS.run("run-1"), "queue-a", "queue-a"]
     for _ in range(2):
-        script(keys=keys, args=[2, "s3://b/2.jpg", 60, 3600, b"m1", b"m2"])
+        script(keys=[*keys, KEYS.record("j")],
+               args=[2, "s3://b/2.jpg", 60, 3600, 0, "call-1", b"m1", 0, b"m2", 1])
     assert client.lrange("queue-a", 0, -1) == [b"m2", b"m1"]
     assert client.hgetall(KEYS.run("run-1")) == {b"queued": b"2", b"cursor": b"s3://b/2.jpg"}
+    assert client.get(KEYS.record("j")) == b"qcall-1"
