@@ -42,6 +42,7 @@ from schemas.records import (
     encode_record,
     record_status,
     run_tag,
+    with_row,
 )
 from schemas.results import JobResult, RunProgress, Status
 
@@ -84,15 +85,17 @@ end
 
 # KEYS: n records, the shard's pending counts, then per run its counters and repeats set.
 # ARGV: shard id, now (ms), lease (ms), ttl (s), first row, takeover (1/0), n, runs, the
-# shard key prefix; per job its record and run number (0: none); per run its id.
+# shard key prefix, each job's run number as 2 bytes, big-endian (0: none); per job its
+# record; per run its id.
 _RESERVE = _RECORD_LUA + """
 local shard, now, lease, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local row, takeover, n, runs = tonumber(ARGV[5]), ARGV[6] == '1', tonumber(ARGV[7]),
   tonumber(ARGV[8])
+local first_row = row
 local shard_prefix = ARGV[9]
 local pending, won, out = {}, {}, {}
 local function count(run, field, by)
-  local name = ARGV[9 + 2 * n + run] .. '\t' .. field
+  local name = ARGV[10 + n + run] .. '\t' .. field
   pending[name] = (pending[name] or 0) + by
 end
 local function win(i, key, record, run, old)
@@ -114,8 +117,12 @@ local function win(i, key, record, run, old)
   end
 end
 for i = 1, n do
-  local key, record, run = KEYS[i], ARGV[8 + 2 * i], tonumber(ARGV[9 + 2 * i])
-  if redis.call('SET', key, with_row(record, row), 'NX', 'EX', ttl) then
+  local key, record = KEYS[i], ARGV[10 + i]
+  local high, low = string.byte(ARGV[10], 2 * i - 1, 2 * i)
+  local run = high * 256 + low
+  -- Records come numbered as if every row were won; only those after a lost one change.
+  if redis.call('SET', key, row == first_row + i - 1 and record or with_row(record, row),
+                'NX', 'EX', ttl) then
     out[i] = row  -- the common case: a job with no record yet
     row = row + 1
     if run > 0 then won[run] = (won[run] or 0) + 1 end
@@ -434,9 +441,10 @@ class ResultStore:
             keys += [self._keys.run(run_id), self._keys.run_repeats(run_id)]
         args: list[str | bytes | int] = [shard, now_ms, lease_ms, self._ttl_s, first_row,
                                          int(takeover), len(reservations), len(runs),
-                                         self._keys.shard("")]
-        for r in reservations:
-            args += [r.record, number.get(r.run_id or "", 0)]
+                                         self._keys.shard(""),
+                                         b"".join(number.get(r.run_id or "", 0).to_bytes(2, "big")
+                                                  for r in reservations)]
+        args += [with_row(r.record, row) for row, r in enumerate(reservations, first_row)]
         args += runs
         raw = self._reserve_script(keys=keys, args=args)
         return [_parse_claim(item, now_ms, lease_ms) for item in raw]

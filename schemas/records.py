@@ -117,6 +117,11 @@ def encode_done(*, run_id: str | None, finished_at: float, attempts: int, dim: i
             + b"".join(parts))
 
 
+def with_row(record: bytes, row: int) -> bytes:
+    """A done record with its row number set (bytes 14-15, from 1)."""
+    return record[:13] + row.to_bytes(2, "little") + record[15:]
+
+
 def _head(run_id: str | None, finished_at: float, attempts: int) -> bytes:
     since = max(0, int(finished_at * 1000) - TIME_ORIGIN_MS) if finished_at else 0
     return run_tag(run_id) + since.to_bytes(5, "little") + min(attempts, 255).to_bytes(1, "little")
