@@ -27,10 +27,14 @@ class ErrorCode(StrEnum):
     ACCESS_DENIED = "access_denied"
     SOURCE_TOO_LARGE = "source_too_large"
     EMPTY_SOURCE = "empty_source"
+    SOURCE_CHANGED = "source_changed"  # not the version or ETag the job names
     # The image
     UNSUPPORTED_FORMAT = "unsupported_image_format"
     CORRUPT_IMAGE = "corrupt_image"
     IMAGE_TOO_LARGE = "image_too_large"
+    NOT_AN_IMAGE = "not_an_image"  # no image format's signature: text, HTML, random bytes
+    TRUNCATED_IMAGE = "truncated_image"  # a known format whose data ends early
+    BAD_GEOMETRY = "bad_geometry"  # an aspect ratio no model input can be made from
     # The system
     TRANSIENT_STORAGE = "transient_storage_error"
     TRANSIENT_BROKER = "transient_broker_error"

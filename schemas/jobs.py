@@ -95,6 +95,8 @@ class Job(_Frozen):
     # How an asked-for embedding is kept in Redis (the row in object storage is float32).
     embedding_dtype: Literal["float32", "float16"] = "float32"
     etag: str | None = None
+    # An S3 object version (`VersionId`): read exactly that version, not the latest.
+    version: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
     idempotency_key: Annotated[str, Field(max_length=256)] | None = None
 
     @model_validator(mode="after")
@@ -117,8 +119,11 @@ class Job(_Frozen):
 
         Computed once per job (the worker asks for it several times per job); `model_copy`
         below forgets it, since a copy with updates is another job."""
+        fields = self.model_dump(mode="json", exclude={"return_embedding", "embedding_dtype"})
+        if fields["version"] is None:
+            del fields["version"]  # an unversioned job keeps the id it had before versions
         canonical = json.dumps(
-            self.model_dump(mode="json", exclude={"return_embedding", "embedding_dtype"}),
+            fields,
             sort_keys=True,
             separators=(",", ":"),
             ensure_ascii=False,

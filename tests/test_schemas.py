@@ -47,6 +47,7 @@ def test_any_change_of_input_model_or_options_changes_the_job_id() -> None:
     assert zero_shot_job(model="BAAI/AltCLIP").job_id != base
     assert zero_shot_job(zero_shot=ZeroShotOptions(labels=["cat", "dog"], top_k=1)).job_id != base
     assert zero_shot_job(etag="abc").job_id != base
+    assert zero_shot_job(version="3HL4kqtJlcpXroDTDmJ+rmSpXd3dIbrH").job_id != base
 
 
 def test_return_embedding_does_not_change_the_job_id() -> None:
