@@ -65,6 +65,8 @@ class MetadataRow(_Frozen):
     job_id: Annotated[str, ColumnType.STRING]
     source: Annotated[str, ColumnType.STRING]  # `Job.source`: an image URI, or "text:" + 64 chars
     etag: Annotated[str | None, ColumnType.STRING]  # of the source bytes, when known
+    # The S3 version read, when the job named one (shards written before versions lack it).
+    version: Annotated[str | None, ColumnType.STRING] = None
     task: Annotated[Task, ColumnType.STRING]
     model: Annotated[str, ColumnType.STRING]
     labels: Annotated[list[str], ColumnType.STRING_LIST]  # zero-shot labels, best first; else []

@@ -130,7 +130,8 @@ def _base36(number: int) -> str:
 def _metadata_row(row: int, output: OutputRow) -> MetadataRow:
     labels = output.labels or []
     return MetadataRow(row=row, job_id=output.job.job_id, source=output.job.source,
-                       etag=output.etag, task=output.job.task, model=output.job.model,
+                       etag=output.etag, version=output.job.version, task=output.job.task,
+                       model=output.job.model,
                        labels=[s.label for s in labels], scores=[s.score for s in labels],
                        text_truncated=output.text_truncated)
 

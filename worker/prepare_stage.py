@@ -74,7 +74,8 @@ class PrepareStage:
 
     def _fetch(self, item: Item) -> bytes:
         start = time.perf_counter()
-        blob = self._reader.read(item.job.image or "")
+        blob = self._reader.read(item.job.image or "", version=item.job.version,
+                                 etag=item.job.etag)
         item.etag = item.job.etag or blob.etag
         item.timings.fetch_ms = ms_since(start)
         return blob.data

@@ -22,6 +22,16 @@ from schemas.errors import ErrorCode, SourceError, TransientError
 from schemas.settings import Settings
 from worker import http_source
 
+# S3's answers to a conditional or versioned read that name no such content.
+_CHANGED = {"PreconditionFailed", "412"}
+_BAD_VERSION = {"NoSuchVersion", "InvalidArgument"}  # a version id S3 cannot parse
+
+
+def _error_code(exc: ClientError) -> str:
+    error = exc.response.get("Error", {})
+    return str(error.get("Code") or exc.response.get("ResponseMetadata", {})
+               .get("HTTPStatusCode", ""))
+
 
 @dataclass(frozen=True)
 class Blob:
@@ -46,9 +56,14 @@ class SourceReader:
             self._s3 = s3_client(self._settings)
         return self._s3
 
-    def read(self, uri: str) -> Blob:
+    def read(self, uri: str, *, version: str | None = None, etag: str | None = None) -> Blob:
+        """The source's bytes; for S3, exactly `version` when given, and only if its ETag is
+        still `etag` when given (else `source_changed`: the job named other content)."""
         if uri.startswith("s3://"):
-            return self._read_s3(S3Location.parse(uri))
+            return self._read_s3(S3Location.parse(uri), version, etag)
+        if version is not None:
+            raise SourceError(f"{uri!r} has no versions: only s3:// sources do",
+                              code=ErrorCode.INVALID_JOB)
         if uri.startswith(("http://", "https://")) and self._http is not None:
             data, etag = http_source.fetch(uri, self._http)
             return Blob(data, etag)
@@ -60,17 +75,28 @@ class SourceReader:
             code=ErrorCode.SOURCE_NOT_ALLOWED,
         )
 
-    def _read_s3(self, loc: S3Location) -> Blob:
+    def _read_s3(self, loc: S3Location, version: str | None, etag: str | None) -> Blob:
         allowed = self._settings.allowed_buckets
         if allowed and loc.bucket not in allowed:
             raise SourceError(
                 f"bucket {loc.bucket!r} is not in the allowed buckets",
                 code=ErrorCode.SOURCE_NOT_ALLOWED,
             )
-        what = f"s3://{loc.bucket}/{loc.key}"
+        what = f"s3://{loc.bucket}/{loc.key}" + (f" (version {version})" if version else "")
+        request = {"Bucket": loc.bucket, "Key": loc.key}
+        if version is not None:
+            request["VersionId"] = version
+        if etag is not None:
+            request["IfMatch"] = f'"{etag}"'
         try:
-            response = self.s3.get_object(Bucket=loc.bucket, Key=loc.key)
+            response = self.s3.get_object(**request)
         except ClientError as exc:
+            if _error_code(exc) in _CHANGED:
+                raise SourceError(f"{what} is no longer the object with ETag {etag}",
+                                  code=ErrorCode.SOURCE_CHANGED) from exc
+            if version is not None and _error_code(exc) in _BAD_VERSION:
+                raise SourceError(f"{what} does not exist ({_error_code(exc)})",
+                                  code=ErrorCode.SOURCE_NOT_FOUND) from exc
             raise s3_error(exc, what) from exc
         except BotoCoreError as exc:
             raise TransientError(f"S3 unreachable reading {what}: {exc}") from exc
