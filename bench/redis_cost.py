@@ -19,6 +19,8 @@ zero-shot over small local JPEGs, `--labels` labels, no embedding kept in Redis,
    commands each costs, by name.
 4. The worker's Redis work replayed in this process, without a model (`replay`): what a job
    costs a Redis that has its core to itself.
+5. This machine's floor (`floor`): Redis CPU per round trip and per record written, and the
+   least a bulk job can cost with a message's fetch, reservation, commit and ack.
 
 Script time (`evalsha`) includes the commands scripts call, which `commandstats` also counts
 under their own names, so CPU comes from the process, not from summing commands.
@@ -282,6 +284,42 @@ def replay(jobs: int, per_message: int, labels: int) -> dict[str, Any] | None:
         server.stop()
 
 
+_WRITE_KEYS = "for i = 1, #KEYS do redis.call('SET', KEYS[i], ARGV[i], 'NX', 'EX', 604800) end"
+
+
+def floor(per_message: int, calls: int = 3000) -> dict[str, Any]:
+    """What this machine's Redis costs at the least, whatever the protocol: CPU per round
+    trip (an unpipelined PING) and per record written (a `SET NX EX` of a 100-byte record,
+    32 a script), best of 3 each; and what they make of a bulk job that is fetched and acked
+    with its message and reserved and committed with its batch (4 round trips a message, one
+    record per job, the producer's push shared by 16 messages)."""
+    server = start_redis_server()
+    _pin(server.process.pid, REDIS_CPUS)
+    try:
+        client = redis.Redis.from_url(server.url)
+        client.ping()
+        ping, write = [], []
+        script = client.register_script(_WRITE_KEYS)
+        script(keys=["warm"], args=[b"x"])
+        for attempt in range(3):
+            start = _cpu_s(client)
+            for _ in range(calls):
+                client.ping()
+            ping.append((_cpu_s(client) - start) / calls * 1e6)
+            start = _cpu_s(client)
+            for n in range(calls):
+                script(keys=[f"floor:{attempt}:{n}:{i}" for i in range(32)],
+                       args=[os.urandom(100) for _ in range(32)])
+            write.append((_cpu_s(client) - start) / (calls * 32) * 1e6)
+    finally:
+        server.stop()
+    round_trip, record = min(ping), min(write)
+    return {"round_trip_us": round(round_trip, 2), "record_write_us": round(record, 2),
+            "bulk_job_floor_us": round((4 + 1 / 16) * round_trip / per_message + record, 2),
+            "runs": {"round_trip_us": [round(x, 2) for x in ping],
+                     "record_write_us": [round(x, 2) for x in write]}}
+
+
 def _key_bytes(client: redis.Redis) -> int:
     """What the keyspace holds: every key's MEMORY USAGE (exact: SAMPLES 0), and the main and
     expires hash tables. `used_memory` also moves with fixed costs (scripts, buffers, the
@@ -341,6 +379,12 @@ def _side(report: dict[str, Any]) -> list[str]:
         lines.append(f"  the worker's Redis work replayed without a model: "
                      f"{replayed['redis_cpu_us_per_job']} µs per job, best of "
                      f"{replayed['runs_us_per_job']} ({replayed['commands_per_job']} commands)")
+    least = report.get("floor")
+    if least:
+        lines.append(f"  this machine's floor: a round trip {least['round_trip_us']} µs of Redis "
+                     f"CPU, a record written {least['record_write_us']} µs; a bulk job fetched, "
+                     f"reserved, committed and acked with {report['per_message']} others "
+                     f"costs at least {least['bulk_job_floor_us']} µs")
     single = report.get("singles")
     if single:
         top = ", ".join(f"{name} {n}" for name, n in list(single["by_command"].items())[:12])
@@ -401,6 +445,7 @@ def main() -> None:
         best = min(replays, key=lambda r: r["redis_cpu_us_per_job"])  # type: ignore[index]
         report["replay"] = {**best, "runs_us_per_job": [r["redis_cpu_us_per_job"]  # type: ignore[index]
                                                         for r in replays]}
+    report["floor"] = floor(args.per_message)
     report["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if baseline is not None:
         report["baseline"] = baseline
