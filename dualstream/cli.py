@@ -10,6 +10,7 @@ import click
 from dualstream import __version__
 from producer.cli import COMMANDS as PRODUCER_COMMANDS
 from producer.event_cli import events
+from producer.ops_cli import COMMANDS as OPS_COMMANDS
 from worker.cli import COMMANDS as WORKER_COMMANDS
 from worker.extra import missing_worker_extra
 
@@ -20,7 +21,7 @@ def cli() -> None:
     """dualstream: embeddings and zero-shot labels for images and texts, from a queue."""
 
 
-for _command in [*PRODUCER_COMMANDS, events, *WORKER_COMMANDS]:
+for _command in [*PRODUCER_COMMANDS, *OPS_COMMANDS, events, *WORKER_COMMANDS]:
     cli.add_command(_command)
 
 
