@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     retry_backoff_s: float = 1.0
     drain_timeout_s: float = 25.0
 
+    # Prometheus metrics and the HTTP probes (/metrics, /livez, /readyz) of a worker; 0: off
+    metrics_port: int = Field(default=0, ge=0, le=65_535)
+    metrics_host: str = "0.0.0.0"
+
     # Health files for Kubernetes probes
     health_dir: str = "/tmp/dualstream-health"
     health_interval_s: float = Field(default=5.0, gt=0)

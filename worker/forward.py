@@ -12,6 +12,7 @@ import time
 import torch
 
 from schemas.results import LabelScore
+from worker import metrics
 from worker.items import EncodedBatch, Item, ms_since
 from worker.models.base import Encoder
 from worker.prepare import stack_rows
@@ -40,6 +41,7 @@ class BatchForward:
         if not items:
             return None
         start = time.perf_counter()
+        metrics.BATCH_ITEMS.labels("image").observe(len(items))
         embeddings = self._forward_isolated(items, self._stack(items))
         if embeddings is None:
             return None
@@ -53,6 +55,7 @@ class BatchForward:
         if not items:
             return None
         start = time.perf_counter()
+        metrics.BATCH_ITEMS.labels("text").observe(len(items))
         tokens = self._encoder.tokenize([item.job.text or "" for item in items])
         embeddings = self._encoder.encode_texts(tokens)
         _stamp_encode(items, ms_since(start))

@@ -30,6 +30,7 @@ class HealthMonitor:
         self._stop = threading.Event()
         self._draining = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ds-health", daemon=True)
+        self._last = (False, False)
 
     def start(self) -> None:
         self._dir.mkdir(parents=True, exist_ok=True)
@@ -55,7 +56,14 @@ class HealthMonitor:
             ready_file.touch()
         else:
             ready_file.unlink(missing_ok=True)
+        self._last = (live, ready)
         return live, ready
+
+    def last(self) -> tuple[bool, bool]:
+        """(live, ready) as the last check found them, for the HTTP probes; a drain makes the
+        worker unready at once."""
+        live, ready = self._last
+        return live, ready and not self._draining.is_set()
 
     def _run(self) -> None:
         while not self._stop.is_set():

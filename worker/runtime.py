@@ -18,14 +18,18 @@ from pathlib import Path
 
 import redis
 
+from control.broker import heartbeat_timing
 from control.connections import redis_client
 from control.deadletters import DeadLetterStore
 from control.objects import output_store
+from control.queue_load import queue_load
 from control.results import ResultStore
-from schemas.keys import RedisKeys
+from schemas.keys import RedisKeys, queue_name
 from schemas.settings import Settings
+from worker import metrics
 from worker.health import HealthMonitor
 from worker.message_policy import MessagePolicy
+from worker.metrics import MetricsServer
 from worker.models.base import Encoder
 from worker.models.loader import load_encoder
 from worker.outputs import ShardWriter
@@ -51,6 +55,7 @@ class Runtime:
     pipeline: Pipeline
     policy: MessagePolicy
     health: HealthMonitor
+    metrics_server: MetricsServer | None = None
 
     def begin_drain(self) -> None:
         """SIGTERM: the policy stops starting messages; readiness goes."""
@@ -59,6 +64,8 @@ class Runtime:
 
     def close(self) -> None:
         start = time.monotonic()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         self.health.stop()
         budget = min(self.policy.close_by - time.monotonic(), self.settings.drain_timeout_s)
         self.pipeline.close(max(0.5, budget - PIPELINE_CLOSE_OVERRUN_S))
@@ -68,8 +75,10 @@ class Runtime:
 def build_runtime(settings: Settings, encoder: Encoder | None = None) -> Runtime:
     """Everything a worker process holds; `encoder` given by tests, loaded otherwise."""
     if encoder is None:
+        started = time.monotonic()
         encoder = load_encoder(settings.model, device=settings.device, dtype=settings.dtype,
                                channels_last=settings.channels_last, compile=settings.compile)
+        metrics.MODEL_LOAD_SECONDS.set(time.monotonic() - started)
     client = redis_client(settings)
     keys = RedisKeys(settings.key_prefix)
     results = ResultStore(client, keys, settings.result_ttl_s, settings.claim_lease_s)
@@ -84,7 +93,32 @@ def build_runtime(settings: Settings, encoder: Encoder | None = None) -> Runtime
         last_progress=lambda: pipeline.last_progress,
         broker_ok=_answers(redis_client(settings, retries=0, timeout_s=2.0)))
     health.start()
-    return Runtime(settings, encoder, results, dead_letters, pipeline, policy, health)
+    return Runtime(settings, encoder, results, dead_letters, pipeline, policy, health,
+                   _serve_metrics(settings, client, keys, health))
+
+
+def _serve_metrics(settings: Settings, client: redis.Redis, keys: RedisKeys,
+                   health: HealthMonitor) -> MetricsServer | None:
+    if not settings.metrics_port:
+        return None
+    queue = queue_name(settings.model)
+    metrics.WORKER_INFO.labels(settings.model, queue, settings.device, settings.dtype).set(1)
+    _, ttl = heartbeat_timing(settings)
+    metrics.register_once(metrics.QueueCollector(
+        lambda: queue_load(client, keys, queue, heartbeat_ttl_s=ttl)))
+    if settings.device != "cpu":
+        metrics.register_once(metrics.DeviceMemoryCollector(_cuda_memory))
+    return metrics.MetricsServer(settings.metrics_host, settings.metrics_port,
+                                 health.last).start()
+
+
+def _cuda_memory() -> dict[str, int]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {"allocated": int(torch.cuda.memory_allocated()),
+            "reserved": int(torch.cuda.memory_reserved())}
 
 
 def _answers(probe: redis.Redis) -> Callable[[], bool]:

@@ -15,6 +15,7 @@ import redis
 from control.results import ResultStore, Settlement
 from schemas.errors import DualstreamError, ErrorCode, PermanentError, TransientError
 from schemas.results import ErrorInfo, JobResult, OutputLocation, Status
+from worker import metrics
 from worker.items import Item
 from worker.outputs import OutputRow
 
@@ -63,11 +64,13 @@ class Settler:
     def done(self, finished: Sequence[tuple[Item, JobResult]]) -> None:
         """Resolve the futures of jobs whose rows are committed (their records with them)."""
         for item, result in finished:
+            metrics.observe_done(item.timings)
             item.future.set_result(result)
 
     def already_done(self, item: Item) -> None:
         """Resolve from the result an earlier delivery stored."""
         existing = self._results.get(item.job.job_id)
+        metrics.observe("already_done")
         if existing is None:
             item.future.set_exception(TransientError("result vanished; retrying",
                                                      code=ErrorCode.TRANSIENT_BROKER))
@@ -76,6 +79,7 @@ class Settler:
 
     def retry(self, item: Item, exc: TransientError) -> None:
         if not item.future.done():
+            metrics.observe("retried", exc.code.value)
             item.future.set_exception(exc)
 
     def fail(self, item: Item, exc: BaseException) -> None:
@@ -97,4 +101,5 @@ class Settler:
             self.retry(item, TransientError(f"recording the failure failed: {write_exc}",
                                             code=ErrorCode.TRANSIENT_BROKER))
             return
+        metrics.observe("failed", result.error.code.value if result.error else "")
         item.future.set_result(result)
