@@ -135,6 +135,9 @@ class _Handler(BaseHTTPRequestHandler):
             body = read_body(self.headers, self.rfile, self.max_bytes)
         except BodyRefused as exc:
             return self._refuse(exc.status, exc.message)
+        except OSError:  # the client stalled past `timeout`, or went away
+            self.close_connection = True
+            return None
         delivery = hashlib.sha256(body).hexdigest()[:32]  # a resent body: the same letters
         try:
             summary = self.submitter.handle(body, source="webhook", delivery=delivery)

@@ -162,3 +162,15 @@ def test_chunked_bodies_are_read_only_up_to_the_limit(webhook: tuple[str, int],
     # A chunk that announces more than the limit is refused before it is read.
     assert " 413 " in raw_request(webhook, head("Transfer-Encoding: chunked"), b"7fffffff\r\n")
     assert " 400 " in raw_request(webhook, head("Transfer-Encoding: chunked"), b"-1\r\n")
+
+
+def test_a_client_that_stalls_mid_body_is_dropped(submitter: EventSubmitter,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from producer import webhook
+
+    monkeypatch.setattr(webhook._Handler, "timeout", 0.5)
+    for address in serve(submitter, token=TOKEN):
+        with socket.create_connection(address, timeout=10) as sock:
+            sock.sendall(head("Content-Length: 100").encode() + b"\r\n{\"Rec")
+            assert sock.recv(1024) == b""  # closed, no reply, nothing handled
+    assert submitter.stats.as_dict()["jobs"] == 0 and submitter.dead_letters.list() == []
