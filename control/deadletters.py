@@ -11,6 +11,12 @@ an unexpected error counts it in `errors`, with the error. A Redis outage or a d
 neither: the message was put back by a live worker, not lost. Once the message finishes, its
 record goes. A message whose record reaches `max_deliveries` unfinished deliveries is
 quarantined, with whatever is known about why.
+
+The store is capped (`dead_letter_max_entries`, `dead_letter_max_bytes`): past either cap the
+oldest letters are trimmed, and counted (`trimmed()`), so a flood of bad input cannot fill
+Redis. Letters added here are ordered in `<dlq>:order` (scored by time) and their bytes summed
+in `<dlq>:stats`; a message a worker buries in one step with its in-flight removal
+(control/inflight.py) counts towards the entry cap but is never trimmed.
 """
 
 from __future__ import annotations
@@ -29,8 +35,40 @@ from pydantic import BaseModel
 from control.inflight import DELIVERY_RECORD_TTL_S
 from schemas.errors import ErrorCode
 from schemas.keys import RedisKeys
+from schemas.settings import Settings
 
 RAW_BODY_LIMIT = 64 * 1024
+MAX_ENTRIES = 10_000
+MAX_BYTES = 64 * 1024 * 1024
+
+# KEYS: the letters, their order, the stats. ARGV: id, letter, time, max entries, max bytes.
+# A letter that replaces one with the same id (a redelivery) counts its new size only.
+_ADD = """
+local old = redis.call('HSTRLEN', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+local bytes = redis.call('HINCRBY', KEYS[3], 'bytes', string.len(ARGV[2]) - old)
+local trimmed = 0
+while redis.call('HLEN', KEYS[1]) > tonumber(ARGV[4]) or bytes > tonumber(ARGV[5]) do
+  local oldest = redis.call('ZPOPMIN', KEYS[2])
+  if #oldest == 0 then break end
+  local size = redis.call('HSTRLEN', KEYS[1], oldest[1])
+  redis.call('HDEL', KEYS[1], oldest[1])
+  bytes = redis.call('HINCRBY', KEYS[3], 'bytes', -size)
+  trimmed = trimmed + 1
+end
+if trimmed > 0 then redis.call('HINCRBY', KEYS[3], 'trimmed', trimmed) end
+return trimmed
+"""
+
+# KEYS: the letters, their order, the stats. ARGV: id.
+_REMOVE = """
+local size = redis.call('HSTRLEN', KEYS[1], ARGV[1])
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HINCRBY', KEYS[3], 'bytes', -size)
+return 1
+"""
 
 
 class DeadLetter(BaseModel):
@@ -114,9 +152,22 @@ def _text(raw: bytes | str | None) -> str | None:
 
 
 class DeadLetterStore:
-    def __init__(self, client: redis.Redis, keys: RedisKeys) -> None:
+    def __init__(self, client: redis.Redis, keys: RedisKeys, *, max_entries: int = MAX_ENTRIES,
+                 max_bytes: int = MAX_BYTES) -> None:
         self._redis = client
         self._keys = keys
+        self._caps = (max_entries, max_bytes)
+        # Named beside the store's own key (schemas/keys.py `dead_letters`).
+        self._order = f"{keys.dead_letters}:order"
+        self._stats = f"{keys.dead_letters}:stats"
+        self._add = client.register_script(_ADD)
+        self._remove = client.register_script(_REMOVE)
+
+    @classmethod
+    def for_settings(cls, client: redis.Redis, settings: Settings) -> DeadLetterStore:
+        return cls(client, RedisKeys(settings.key_prefix),
+                   max_entries=settings.dead_letter_max_entries,
+                   max_bytes=settings.dead_letter_max_bytes)
 
     # Delivery records ----------------------------------------------------------------------
     def previous_delivery(self, message_id: str) -> Delivery | None:
@@ -145,10 +196,16 @@ class DeadLetterStore:
 
     # Dead letters --------------------------------------------------------------------------
     def add(self, **fields: Any) -> DeadLetter:
-        """Store a dead letter (the fields of `dead_letter`)."""
+        """Store a dead letter (the fields of `dead_letter`), trimming the oldest past the
+        caps."""
         letter = dead_letter(**fields)
-        self._redis.hset(self._keys.dead_letters, letter.id, letter.model_dump_json())
+        self._add(keys=[self._keys.dead_letters, self._order, self._stats],
+                  args=[letter.id, letter.model_dump_json(), letter.at, *self._caps])
         return letter
+
+    def trimmed(self) -> int:
+        """How many letters the caps have trimmed, ever (a purge keeps the count)."""
+        return int(self._redis.hget(self._stats, "trimmed") or 0)
 
     def list(self) -> list[DeadLetter]:
         raw = self._redis.hvals(self._keys.dead_letters)
@@ -159,13 +216,15 @@ class DeadLetterStore:
         return DeadLetter.model_validate_json(raw) if raw else None
 
     def remove(self, letter_id: str) -> bool:
-        return bool(self._redis.hdel(self._keys.dead_letters, letter_id))
+        return bool(self._remove(keys=[self._keys.dead_letters, self._order, self._stats],
+                                 args=[letter_id]))
 
     def purge(self) -> int:
         pipe = self._redis.pipeline(transaction=True)
         pipe.hlen(self._keys.dead_letters)
-        pipe.delete(self._keys.dead_letters)
-        count, _ = pipe.execute()
+        pipe.delete(self._keys.dead_letters, self._order)
+        pipe.hdel(self._stats, "bytes")
+        count, *_ = pipe.execute()
         return int(count)
 
 

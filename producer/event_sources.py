@@ -1,25 +1,50 @@
-"""Where upload events come from: an SQS queue (S3, SNS or EventBridge targets) or a webhook
-(MinIO's webhook target). Each event is acknowledged only after its jobs are enqueued; an event
-that is not an upload event goes to the dead-letter store instead of looping forever.
+"""Handling one delivery of an upload event, whatever brought it (SQS, a webhook, MinIO's Redis
+target): its jobs enqueued, its broken records dead-lettered with their reasons, an SNS
+subscription confirmed, and what it ignored counted by reason.
+
+`handle` raises only for a fault that a redelivery can cure (Redis unreachable, SNS not
+answering); the consumer then keeps the delivery for later. Doing a delivery twice is harmless:
+the same records give the same job ids (a job already queued is not sent again) and the same
+dead-letter ids.
 """
 
 from __future__ import annotations
 
-import hmac
-import json
 import logging
-import threading
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 from control.deadletters import DeadLetterStore
 from producer.client import Client
-from producer.events import EventJobTemplate, parse_event
-from schemas.errors import ErrorCode, InvalidJob
+from producer.event_records import Broken, Confirm, Ignored
+from producer.events import Enqueue, EventJobTemplate, plan
+from producer.sns_confirm import SubscriptionConfirmer
+from schemas.errors import SourceError
+from schemas.jobs import Job
 
 log = logging.getLogger(__name__)
-MAX_WEBHOOK_BYTES = 1024 * 1024
+
+
+@dataclass
+class EventStats:
+    """What deliveries came to: jobs enqueued, records dead-lettered, subscriptions confirmed,
+    and records ignored, by reason (`producer.event_records.IGNORE_REASONS`)."""
+
+    jobs: int = 0
+    dead_lettered: int = 0
+    confirmed: int = 0
+    ignored: Counter[str] = field(default_factory=Counter)
+
+    def merge(self, other: EventStats) -> None:
+        self.jobs += other.jobs
+        self.dead_lettered += other.dead_lettered
+        self.confirmed += other.confirmed
+        self.ignored.update(other.ignored)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"jobs": self.jobs, "dead_lettered": self.dead_lettered,
+                "confirmed": self.confirmed, "ignored": dict(sorted(self.ignored.items()))}
 
 
 @dataclass
@@ -27,66 +52,49 @@ class EventSubmitter:
     client: Client
     template: EventJobTemplate
     dead_letters: DeadLetterStore
+    confirmer: SubscriptionConfirmer = field(default_factory=SubscriptionConfirmer)
+    stats: EventStats = field(default_factory=EventStats)  # every delivery handled so far
 
-    def submit(self, body: str | bytes) -> list[str]:
-        """Parse one event and enqueue its jobs; raises InvalidJob for a non-event."""
-        return self.client.submit_many(self.template.jobs(parse_event(body)))
+    def handle(self, body: str | bytes | Any, *, source: str,
+               delivery: str | None = None) -> EventStats:
+        """One delivery of one event body (`delivery`: its id, which keeps a redelivered
+        record's dead letter one entry)."""
+        summary = EventStats()
+        jobs: dict[str, Job] = {}
+        broken: list[Broken] = []
+        for action in plan(body, self.template):
+            if isinstance(action, Enqueue):
+                jobs.setdefault(action.job.job_id, action.job)  # a duplicate record: one job
+            elif isinstance(action, Ignored):
+                summary.ignored[action.reason] += 1
+            elif isinstance(action, Confirm):
+                broken += self._confirm(action, summary)
+            else:
+                broken.append(action)
+        if jobs:
+            self.client.submit_many(list(jobs.values()))
+        summary.jobs = len(jobs)
+        for index, record in enumerate(broken):
+            self._dead_letter(record, source, delivery, index)
+        summary.dead_lettered = len(broken)
+        self.stats.merge(summary)
+        if summary.ignored or broken:
+            log.info("event from %s: %s", source, summary.as_dict())
+        return summary
 
-    def reject(self, body: str | bytes, error: InvalidJob, source: str) -> None:
-        text = body.decode(errors="replace") if isinstance(body, bytes) else body
-        log.warning("dropping a malformed event from %s: %s", source, error.message)
-        self.dead_letters.add(payload=text, code=ErrorCode.INVALID_JOB, error=error.message,
-                              message_id=None, deliveries=1, queue=source)
+    def _confirm(self, confirm: Confirm, summary: EventStats) -> list[Broken]:
+        try:
+            self.confirmer.confirm(confirm.url)
+        except SourceError as exc:
+            return [Broken(exc.message, {"SubscribeURL": confirm.url, "TopicArn": confirm.topic},
+                           exc.code)]
+        log.info("confirmed the SNS subscription to %s", confirm.topic)
+        summary.confirmed += 1
+        return []
 
-
-def poll_sqs(sqs: Any, queue_url: str, submitter: EventSubmitter, *,
-             stop: threading.Event | None = None, wait_s: int = 20, once: bool = False) -> int:
-    """Long-poll SQS until stopped; returns how many events were handled."""
-    handled = 0
-    while stop is None or not stop.is_set():
-        response = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10,
-                                       WaitTimeSeconds=wait_s)
-        for message in response.get("Messages", []):
-            try:
-                submitter.submit(message["Body"])
-            except InvalidJob as exc:
-                submitter.reject(message["Body"], exc, queue_url)
-            sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
-            handled += 1
-        if once:
-            return handled
-    return handled
-
-
-def webhook_server(port: int, submitter: EventSubmitter, *, token: str | None = None,
-                   host: str = "0.0.0.0") -> ThreadingHTTPServer:
-    """A webhook for MinIO (`notify_webhook`); with a token, requests must carry it as Bearer."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            if token and not hmac.compare_digest(self.headers.get("Authorization", ""),
-                                                 f"Bearer {token}"):
-                return self._reply(401, {"error": "missing or wrong bearer token"})
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_WEBHOOK_BYTES:
-                return self._reply(413, {"error": "event too large"})
-            body = self.rfile.read(length)
-            try:
-                ids = submitter.submit(body)
-            except InvalidJob as exc:
-                submitter.reject(body, exc, "webhook")
-                return self._reply(400, {"error": exc.message, "code": exc.code})
-            return self._reply(200, {"jobs": ids})
-
-        def _reply(self, status: int, payload: dict[str, Any]) -> None:
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, fmt: str, *args: Any) -> None:
-            log.info("webhook: " + fmt, *args)
-
-    return ThreadingHTTPServer((host, port), Handler)
+    def _dead_letter(self, record: Broken, source: str, delivery: str | None,
+                     index: int) -> None:
+        log.warning("dead-lettering an event record from %s: %s", source, record.reason)
+        self.dead_letters.add(payload=record.received, code=record.code, error=record.reason,
+                              message_id=delivery, deliveries=1, queue=source,
+                              dedupe_key=f"{source}|{delivery}|{index}" if delivery else None)

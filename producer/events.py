@@ -1,112 +1,135 @@
-"""Upload events → jobs: S3 notifications (direct, via SQS or SNS), EventBridge and MinIO.
+"""Upload events → what to do with each record: enqueue a job, ignore it (and why), confirm an
+SNS subscription, or dead-letter it (and why).
 
-Keys arrive URL-encoded from S3, SNS and MinIO (MinIO encodes `/` too) and plain from
-EventBridge. Each created object becomes one job whose id includes the object's ETag, so the
-same event delivered twice is one job, and a re-upload with new content is a new one.
+Every envelope a notification arrives in is unwrapped here: S3 event records (directly, as an
+SQS message's body, or as an SNS Notification's `Message` string), S3's test event, SNS
+subscription messages, EventBridge `aws.s3` events, MinIO's webhook bodies and the elements
+of MinIO's Redis target in its access format (`[{"Event": [record], "EventTime": …}]`). The
+records themselves are read in `producer/event_records.py`. Each record stands alone: a broken
+one is dead-lettered beside siblings that go on.
+
+A job's id includes the object's version and ETag, so the same event delivered twice is one
+job, and each version of an object is its own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote_plus
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from producer.bulk import IMAGE_SUFFIXES
-from schemas.errors import InvalidJob
+from producer.event_records import (
+    Broken,
+    Confirm,
+    CreatedObject,
+    Ignored,
+    Outcome,
+    from_eventbridge,
+    from_s3_record,
+)
 from schemas.jobs import Job, Task, ZeroShotOptions
+
+_SNS_TYPES = frozenset({"Notification", "SubscriptionConfirmation", "UnsubscribeConfirmation"})
+
+
+def parse_event(body: str | bytes | Any) -> list[Outcome]:
+    """Every record of one event body, whatever its envelope; never raises."""
+    if isinstance(body, str | bytes):
+        try:
+            return _envelope(json.loads(body))
+        except ValueError:  # not JSON, or not UTF-8
+            text = body.decode(errors="replace") if isinstance(body, bytes) else body
+            return [Broken("the body is not JSON", text)]
+    return _envelope(body)
+
+
+def _envelope(event: Any) -> list[Outcome]:
+    if isinstance(event, list):
+        return _minio_access(event)
+    if not isinstance(event, dict):
+        return [Broken("an event is a JSON object (or MinIO's access-format list)", event)]
+    if event.get("Type") in _SNS_TYPES:
+        return _sns(event)
+    if "detail-type" in event:
+        if event.get("source") != "aws.s3":
+            return [Broken(f"not an S3 EventBridge event (source {event.get('source')!r})",
+                           event)]
+        return [from_eventbridge(event["detail-type"], event.get("detail"))]
+    if event.get("Event") == "s3:TestEvent":
+        return [Ignored("test_event")]
+    records = event.get("Records")
+    if isinstance(records, list):  # S3 (direct, SQS) and MinIO's webhook
+        return [from_s3_record(record) for record in records]
+    return [Broken("not an upload event: no Records, SNS Type or EventBridge detail", event)]
+
+
+def _sns(envelope: dict[str, Any]) -> list[Outcome]:
+    kind = envelope["Type"]
+    if kind == "UnsubscribeConfirmation":
+        return [Ignored("unsubscribe_confirmation")]
+    if kind == "SubscriptionConfirmation":
+        url = envelope.get("SubscribeURL")
+        if not isinstance(url, str):
+            return [Broken("a SubscriptionConfirmation without a SubscribeURL", envelope)]
+        topic = envelope.get("TopicArn")
+        return [Confirm(url, topic if isinstance(topic, str) else None)]
+    message = envelope.get("Message")
+    if not isinstance(message, str):
+        return [Broken("an SNS Notification whose Message is not a string", envelope)]
+    return parse_event(message)
+
+
+def _minio_access(elements: list[Any]) -> list[Outcome]:
+    outcomes: list[Outcome] = []
+    for element in elements:
+        records = element.get("Event") if isinstance(element, dict) else None
+        if not isinstance(records, list):
+            outcomes.append(Broken("a MinIO access-format entry without an Event list",
+                                   element))
+            continue
+        outcomes += [from_s3_record(record) for record in records]
+    return outcomes
 
 
 @dataclass(frozen=True)
-class CreatedObject:
-    bucket: str
-    key: str
-    etag: str | None
-    size: int | None
-
-    @property
-    def uri(self) -> str:
-        return f"s3://{self.bucket}/{self.key}"
+class Enqueue:
+    job: Job
+    object: CreatedObject
 
 
-class _Loose(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
-
-
-class _Bucket(_Loose):
-    name: str
-
-
-class _Object(_Loose):
-    key: str
-    size: int | None = None
-    etag: str | None = None
-    eTag: str | None = None
-
-
-class _S3Entity(_Loose):
-    bucket: _Bucket
-    object: _Object
-
-
-class _S3Record(_Loose):
-    eventName: str
-    s3: _S3Entity
-
-
-class _EventBridgeDetail(_Loose):
-    bucket: _Bucket
-    object: _Object
-
-
-def _from_records(records: Sequence[Any]) -> Iterator[CreatedObject]:
-    for raw in records:
-        record = _S3Record.model_validate(raw)
-        if "ObjectCreated" not in record.eventName:
-            continue
-        obj = record.s3.object
-        yield CreatedObject(record.s3.bucket.name, unquote_plus(obj.key),
-                            (obj.eTag or obj.etag or "").strip('"') or None, obj.size)
-
-
-def parse_event(body: str | bytes | dict[str, Any]) -> list[CreatedObject]:
-    """Every object-created record in one event body, whatever its envelope."""
-    try:
-        event = json.loads(body) if isinstance(body, str | bytes) else body
-        if not isinstance(event, dict):
-            raise InvalidJob(f"an event is a JSON object, got {type(event).__name__}")
-        if event.get("Type") == "Notification" and "Message" in event:  # SNS envelope
-            return parse_event(event["Message"])
-        if event.get("source") == "aws.s3" and "detail" in event:  # EventBridge
-            if event.get("detail-type") != "Object Created":
-                return []
-            detail = _EventBridgeDetail.model_validate(event["detail"])
-            return [CreatedObject(detail.bucket.name, detail.object.key,
-                                  detail.object.etag, detail.object.size)]
-        if event.get("Event") == "s3:TestEvent":
-            return []
-        if "Records" in event:  # S3 (direct or through SQS) and MinIO
-            return list(_from_records(event["Records"]))
-    except (ValueError, ValidationError) as exc:
-        raise InvalidJob(f"not an upload event: {exc}") from exc
-    raise InvalidJob("not an upload event: no Records, SNS Message or EventBridge detail")
+Action = Enqueue | Ignored | Broken | Confirm
 
 
 @dataclass(frozen=True)
 class EventJobTemplate:
-    """What to compute for each uploaded object."""
+    """What to compute for each uploaded object; `suffixes` empty: every key."""
 
     model: str
     zero_shot: ZeroShotOptions | None = None
     suffixes: Sequence[str] = IMAGE_SUFFIXES
     return_embedding: bool = False
 
-    def jobs(self, objects: Sequence[CreatedObject]) -> list[Job]:
+    def action(self, obj: CreatedObject) -> Enqueue | Ignored | Broken:
+        wanted = tuple(suffix.lower() for suffix in self.suffixes)
+        if wanted and not obj.key.lower().endswith(wanted):
+            return Ignored("not_an_image")
         task = Task.ZERO_SHOT if self.zero_shot else Task.IMAGE_EMBEDDING
-        wanted = tuple(s.lower() for s in self.suffixes)
-        return [Job(task=task, model=self.model, image=obj.uri, etag=obj.etag,
-                    zero_shot=self.zero_shot, return_embedding=self.return_embedding)
-                for obj in objects if obj.key.lower().endswith(wanted)]
+        try:
+            job = Job(task=task, model=self.model, image=obj.uri, etag=obj.etag,
+                      version=obj.version, zero_shot=self.zero_shot,
+                      return_embedding=self.return_embedding)
+        except ValidationError as exc:
+            return Broken(f"no job can name this object: {exc.errors()[0]['msg']}",
+                          dataclasses.asdict(obj))
+        return Enqueue(job, obj)
+
+
+def plan(body: str | bytes | Any, template: EventJobTemplate) -> list[Action]:
+    """What to do with each record of one event body."""
+    return [template.action(outcome) if isinstance(outcome, CreatedObject) else outcome
+            for outcome in parse_event(body)]

@@ -92,6 +92,21 @@ class Settings(BaseSettings):
         default=None, description="local mode: file sources must lie under this directory"
     )
 
+    # Upload events (producer/event_cli.py)
+    webhook_token: SecretStr | None = Field(
+        default=None, description="the bearer token the events webhook requires (MinIO's "
+        "auth_token; an SNS HTTPS subscription sends it as its basic-auth password)")
+    webhook_require_token: bool = Field(
+        default=True, description="false: the webhook accepts requests without a token "
+        "(only behind something else that authenticates them)")
+    sns_confirm_hosts: list[str] = Field(
+        default_factory=list, description="hosts (glob patterns) besides AWS's own "
+        "(*.amazonaws.com, *.amazonaws.com.cn) whose https SubscribeURL may be confirmed")
+
+    # The dead-letter store (control/deadletters.py): past either cap, the oldest are trimmed
+    dead_letter_max_entries: int = Field(default=10_000, ge=1)
+    dead_letter_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+
     # Limits on input
     max_image_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 40_000_000

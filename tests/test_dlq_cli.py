@@ -81,3 +81,34 @@ def test_a_named_letter_that_cannot_be_replayed_fails_the_command(
 
 def _jobs(raw: bytes) -> list[dict[str, Any]]:
     return message_jobs(raw)
+
+
+def test_the_store_is_capped_by_entries_and_bytes_and_counts_what_it_trims(
+    redis_url: str
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    common = {"code": ErrorCode.INVALID_JOB, "message_id": None, "deliveries": 1, "queue": "q"}
+    store = DeadLetterStore(client, RedisKeys(), max_entries=3, max_bytes=4096)
+    added = [store.add(payload={"n": n}, error=f"bad {n}", **common) for n in range(5)]
+    assert [letter.id for letter in store.list()] == [letter.id for letter in added[2:]]
+    assert store.trimmed() == 2
+
+    # About 3,900 bytes: one 200-byte letter fits beside it, two do not (and three are too many).
+    big = store.add(payload="x" * 3700, error="big", **common)
+    assert [letter.id for letter in store.list()] == [added[4].id, big.id]
+    assert store.trimmed() == 4
+    assert store.remove(big.id) and not store.remove(big.id)
+    store.add(payload="y" * 3700, error="big", **common)  # fits once `big` is gone
+    assert store.trimmed() == 4 and len(store.list()) == 2
+
+    assert store.purge() == 2 and store.list() == [] and store.trimmed() == 4
+    assert int(client.hget("ds:dlq:stats", "bytes") or 0) == 0
+
+
+def test_a_letter_added_again_under_its_id_counts_once(redis_url: str) -> None:
+    store = DeadLetterStore(redis.Redis.from_url(redis_url), RedisKeys(), max_entries=2)
+    common = {"code": ErrorCode.INVALID_JOB, "message_id": "m", "deliveries": 1, "queue": "q"}
+    for _ in range(5):
+        store.add(payload={"a": 1}, error="again", dedupe_key="m|0", **common)
+    store.add(payload={"b": 2}, error="other", **common)
+    assert len(store.list()) == 2 and store.trimmed() == 0
