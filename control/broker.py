@@ -51,6 +51,8 @@ def broker_options(settings: Settings) -> dict[str, Any]:
             "dualstream_key_prefix": settings.key_prefix,
             "heartbeat_interval_s": interval,
             "heartbeat_ttl_s": ttl,
+            "dead_letter_max_entries": settings.dead_letter_max_entries,
+            "dead_letter_max_bytes": settings.dead_letter_max_bytes,
             # After a reconnect, what tasks still work on stays held for at most this long.
             "hold_limit_s": settings.visibility_timeout_s,
             # A broker that vanishes without closing the connection is noticed.

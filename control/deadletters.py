@@ -14,9 +14,9 @@ quarantined, with whatever is known about why.
 
 The store is capped (`dead_letter_max_entries`, `dead_letter_max_bytes`): past either cap the
 oldest letters are trimmed, and counted (`trimmed()`), so a flood of bad input cannot fill
-Redis. Letters added here are ordered in `<dlq>:order` (scored by time) and their bytes summed
-in `<dlq>:stats`; a message a worker buries in one step with its in-flight removal
-(control/inflight.py) counts towards the entry cap but is never trimmed.
+Redis. Letters are ordered in `<dlq>:order` (scored by time) and their bytes summed in
+`<dlq>:stats`, whether added here or by a worker that buries a message in one step with its
+in-flight removal (control/inflight.py).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from typing import Any
 import redis
 from pydantic import BaseModel
 
-from control.inflight import DELIVERY_RECORD_TTL_S
 from schemas.errors import ErrorCode
 from schemas.keys import RedisKeys
 from schemas.settings import Settings
@@ -41,24 +40,33 @@ RAW_BODY_LIMIT = 64 * 1024
 MAX_ENTRIES = 10_000
 MAX_BYTES = 64 * 1024 * 1024
 
-# KEYS: the letters, their order, the stats. ARGV: id, letter, time, max entries, max bytes.
-# A letter that replaces one with the same id (a redelivery) counts its new size only.
-_ADD = """
-local old = redis.call('HSTRLEN', KEYS[1], ARGV[1])
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
-local bytes = redis.call('HINCRBY', KEYS[3], 'bytes', string.len(ARGV[2]) - old)
-local trimmed = 0
-while redis.call('HLEN', KEYS[1]) > tonumber(ARGV[4]) or bytes > tonumber(ARGV[5]) do
-  local oldest = redis.call('ZPOPMIN', KEYS[2])
-  if #oldest == 0 then break end
-  local size = redis.call('HSTRLEN', KEYS[1], oldest[1])
-  redis.call('HDEL', KEYS[1], oldest[1])
-  bytes = redis.call('HINCRBY', KEYS[3], 'bytes', -size)
-  trimmed = trimmed + 1
+DELIVERY_RECORD_TTL_S = 24 * 3600
+
+# A letter that replaces one with the same id (a redelivery) counts its new size only. A Lua
+# function, so that the in-flight ledger's bury (control/inflight.py) adds in the same step.
+ADD_LETTER_LUA = """
+local function add_letter(letters, order, stats, id, letter, at, max_entries, max_bytes)
+  local old = redis.call('HSTRLEN', letters, id)
+  redis.call('HSET', letters, id, letter)
+  redis.call('ZADD', order, at, id)
+  local bytes = redis.call('HINCRBY', stats, 'bytes', string.len(letter) - old)
+  local trimmed = 0
+  while redis.call('HLEN', letters) > tonumber(max_entries) or bytes > tonumber(max_bytes) do
+    local oldest = redis.call('ZPOPMIN', order)
+    if #oldest == 0 then break end
+    local size = redis.call('HSTRLEN', letters, oldest[1])
+    redis.call('HDEL', letters, oldest[1])
+    bytes = redis.call('HINCRBY', stats, 'bytes', -size)
+    trimmed = trimmed + 1
+  end
+  if trimmed > 0 then redis.call('HINCRBY', stats, 'trimmed', trimmed) end
+  return trimmed
 end
-if trimmed > 0 then redis.call('HINCRBY', KEYS[3], 'trimmed', trimmed) end
-return trimmed
+"""
+
+# KEYS: the letters, their order, the stats. ARGV: id, letter, time, max entries, max bytes.
+_ADD = ADD_LETTER_LUA + """
+return add_letter(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 """
 
 # KEYS: the letters, their order, the stats. ARGV: id.
@@ -157,9 +165,8 @@ class DeadLetterStore:
         self._redis = client
         self._keys = keys
         self._caps = (max_entries, max_bytes)
-        # Named beside the store's own key (schemas/keys.py `dead_letters`).
-        self._order = f"{keys.dead_letters}:order"
-        self._stats = f"{keys.dead_letters}:stats"
+        self._order = keys.dead_letter_order
+        self._stats = keys.dead_letter_stats
         self._add = client.register_script(_ADD)
         self._remove = client.register_script(_REMOVE)
 

@@ -35,13 +35,18 @@ from collections.abc import Callable, Iterable
 
 import redis
 
+from control.deadletters import (
+    ADD_LETTER_LUA,
+    DELIVERY_RECORD_TTL_S,
+    MAX_BYTES,
+    MAX_ENTRIES,
+)
 from schemas.keys import RedisKeys
 
 log = logging.getLogger(__name__)
 
 # An index entry of a dead consumer is forgotten after this long (its list is empty by then).
 FORGET_AFTER_MS = 3_600_000
-DELIVERY_RECORD_TTL_S = 24 * 3600
 
 _HEARTBEAT = """
 local t = redis.call('TIME')
@@ -110,9 +115,11 @@ return 0
 
 
 # KEYS: the in-flight list, the dead-letter hash. ARGV: the message, the letter's id and body.
-_BURY = """
+# KEYS: the in-flight list, the letters, their order, their stats. ARGV: the message, the
+# letter's id, the letter, time, max entries, max bytes.
+_BURY = ADD_LETTER_LUA + """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
-  redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+  add_letter(KEYS[2], KEYS[3], KEYS[4], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
   return 1
 end
 return 0
@@ -122,9 +129,11 @@ return 0
 class InflightLedger:
     """The ack, requeue, heartbeat and sweep operations, on one Redis client."""
 
-    def __init__(self, client: redis.Redis, keys: RedisKeys, *, heartbeat_ttl_s: float) -> None:
+    def __init__(self, client: redis.Redis, keys: RedisKeys, *, heartbeat_ttl_s: float,
+                 dead_letter_caps: tuple[int, int] = (MAX_ENTRIES, MAX_BYTES)) -> None:
         self._redis = client
         self._keys = keys
+        self._dead_letter_caps = dead_letter_caps
         self._ttl_ms = int(heartbeat_ttl_s * 1000)
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._sweep = client.register_script(_SWEEP)
@@ -143,8 +152,10 @@ class InflightLedger:
     def bury(self, inflight: str, raw: bytes, letter_id: str, letter: str) -> bool:
         """A message that cannot be delivered at all leaves its list for the dead-letter store,
         in one step."""
-        return bool(self._bury(keys=[inflight, self._keys.dead_letters],
-                               args=[raw, letter_id, letter]))
+        keys = self._keys
+        return bool(self._bury(
+            keys=[inflight, keys.dead_letters, keys.dead_letter_order, keys.dead_letter_stats],
+            args=[raw, letter_id, letter, time.time(), *self._dead_letter_caps]))
 
     def beat(self, inflight_keys: Iterable[str]) -> None:
         keys = list(inflight_keys)

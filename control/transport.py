@@ -20,7 +20,8 @@ replicas have it (`WAIT`, on the connection that pushed it): a failover cannot l
 that was acknowledged; one that timed out fails and is published again (jobs are idempotent).
 
 The transport options it adds: `dualstream_key_prefix`, `heartbeat_interval_s`,
-`heartbeat_ttl_s`, `replicas_to_ack`, `replicas_ack_timeout_ms` (set by `control/broker.py`
+`heartbeat_ttl_s`, `replicas_to_ack`, `replicas_ack_timeout_ms`, `dead_letter_max_entries`,
+`dead_letter_max_bytes` (set by `control/broker.py`
 from the settings). `InflightSentinelTransport` is the same over Redis Sentinel.
 """
 
@@ -38,7 +39,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import Empty
 from kombu.utils.json import dumps, loads
 
-from control.deadletters import dead_letter
+from control.deadletters import MAX_BYTES, MAX_ENTRIES, dead_letter
 from control.inflight import Heartbeat, InflightLedger
 from schemas.errors import ErrorCode
 from schemas.keys import RedisKeys
@@ -119,10 +120,13 @@ class InflightChannel(kombu_redis.Channel):
     replicas_to_ack = 0
     replicas_ack_timeout_ms = 2000
     replicas_ack_tries = 3
+    dead_letter_max_entries = MAX_ENTRIES
+    dead_letter_max_bytes = MAX_BYTES
     from_transport_options = (  # type: ignore[assignment]
         *kombu_redis.Channel.from_transport_options,
         "dualstream_key_prefix", "heartbeat_interval_s", "heartbeat_ttl_s", "hold_limit_s",
-        "replicas_to_ack", "replicas_ack_timeout_ms",
+        "replicas_to_ack", "replicas_ack_timeout_ms", "dead_letter_max_entries",
+        "dead_letter_max_bytes",
     )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -282,8 +286,10 @@ class InflightChannel(kombu_redis.Channel):
         """On a client of its own: acks come from worker threads, and may outlive the
         connection this channel consumed on."""
         if self._ledger is None:
-            self._ledger = InflightLedger(redis.Redis(connection_pool=self.pool), self._keys,
-                                          heartbeat_ttl_s=self.heartbeat_ttl_s)
+            self._ledger = InflightLedger(
+                redis.Redis(connection_pool=self.pool), self._keys,
+                heartbeat_ttl_s=self.heartbeat_ttl_s,
+                dead_letter_caps=(self.dead_letter_max_entries, self.dead_letter_max_bytes))
         return self._ledger
 
     def ack_held(self, tag: str) -> None:

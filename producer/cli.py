@@ -18,7 +18,6 @@ from tqdm import tqdm
 from producer.bulk import IMAGE_SUFFIXES, BulkRequest, jobs_for, list_sources
 from producer.client import Client
 from schemas.jobs import Job, JobMessage, Task, ZeroShotOptions
-from schemas.keys import RedisKeys
 from schemas.records import embedding_b64
 from schemas.results import JobResult, RunProgress
 from schemas.settings import Settings
@@ -239,7 +238,7 @@ def _dead_letters() -> Any:
     from control.deadletters import DeadLetterStore
 
     settings = Settings()
-    return DeadLetterStore(redis_client(settings), RedisKeys(settings.key_prefix))
+    return DeadLetterStore.for_settings(redis_client(settings), settings)
 
 
 @dlq.command("list")

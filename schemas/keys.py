@@ -89,6 +89,16 @@ class RedisKeys:
     def dead_letters(self) -> str:
         return f"{self.prefix}:dlq"
 
+    @property
+    def dead_letter_order(self) -> str:
+        """The letters' ids scored by time, oldest first: what the caps trim."""
+        return f"{self.prefix}:dlq:order"
+
+    @property
+    def dead_letter_stats(self) -> str:
+        """The letters' bytes and how many the caps trimmed, ever."""
+        return f"{self.prefix}:dlq:stats"
+
 
 @dataclass(frozen=True)
 class ShardPaths:

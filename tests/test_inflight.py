@@ -188,3 +188,18 @@ def test_a_redis_outage_longer_than_the_ttl_sweeps_no_live_consumer(
         assert client.hgetall(KEYS.deliveries("m9")) == {}
         message.ack()
         queue.close()
+
+
+def test_buried_messages_count_towards_the_dead_letter_caps_and_are_trimmed(
+        client: redis.Redis) -> None:
+    ledger = InflightLedger(client, KEYS, heartbeat_ttl_s=TTL_S, dead_letter_caps=(2, 10**6))
+    inflight = KEYS.inflight("gone", QUEUE)
+    for n in range(3):
+        client.lpush(inflight, f"raw-{n}")
+        assert ledger.bury(inflight, f"raw-{n}".encode(), f"letter-{n}", f'{{"n": {n}}}')
+        time.sleep(0.01)
+    store = DeadLetterStore(client, KEYS, max_entries=2)
+    assert set(client.hkeys(KEYS.dead_letters)) == {b"letter-1", b"letter-2"}  # oldest went
+    assert store.trimmed() == 1
+    assert int(client.hget(KEYS.dead_letter_stats, "bytes") or 0) == 2 * len('{"n": 0}')
+    assert store.remove("letter-1") and int(client.hget(KEYS.dead_letter_stats, "bytes")) == 8

@@ -82,7 +82,7 @@ def build_runtime(settings: Settings, encoder: Encoder | None = None) -> Runtime
     client = redis_client(settings)
     keys = RedisKeys(settings.key_prefix)
     results = ResultStore(client, keys, settings.result_ttl_s, settings.claim_lease_s)
-    dead_letters = DeadLetterStore(client, keys)
+    dead_letters = DeadLetterStore.for_settings(client, settings)
     writer = ShardWriter(output_store(settings), results, worker=worker_name(),
                          lease_s=settings.claim_lease_s)
     pipeline = Pipeline(settings, encoder, SourceReader(settings), writer, results)
