@@ -15,6 +15,7 @@ from control.deadletters import DeadLetterStore
 from producer.cli import _client, _zero_shot, with_zero_shot
 from producer.event_sources import EventSubmitter
 from producer.events import EventJobTemplate
+from producer.metrics import serve as serve_metrics
 from producer.sns_confirm import SubscriptionConfirmer
 
 
@@ -25,6 +26,7 @@ def _submitter(model: str | None, labels: str | None, templates: str, top_k: int
                                 zero_shot=_zero_shot(labels, templates, top_k, threshold,
                                                      multi_label))
     store = DeadLetterStore.for_settings(client.redis, client.settings)
+    serve_metrics(client.settings.metrics_port, client.settings.metrics_host)
     confirmer = SubscriptionConfirmer(extra_hosts=tuple(client.settings.sns_confirm_hosts))
     return EventSubmitter(client, template, store, confirmer)
 

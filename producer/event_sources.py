@@ -19,6 +19,7 @@ from control.deadletters import DeadLetterStore
 from producer.client import Client
 from producer.event_records import Broken, Confirm, Ignored
 from producer.events import Enqueue, EventJobTemplate, plan
+from producer.metrics import EVENTS, source_kind
 from producer.sns_confirm import SubscriptionConfirmer
 from schemas.errors import SourceError
 from schemas.jobs import Job
@@ -45,6 +46,15 @@ class EventStats:
     def as_dict(self) -> dict[str, Any]:
         return {"jobs": self.jobs, "dead_lettered": self.dead_lettered,
                 "confirmed": self.confirmed, "ignored": dict(sorted(self.ignored.items()))}
+
+
+def _count(summary: EventStats, source: str) -> None:
+    for outcome, count in (("enqueued", summary.jobs), ("dead_lettered", summary.dead_lettered),
+                           ("confirmed", summary.confirmed)):
+        if count:
+            EVENTS.labels(source, outcome, "").inc(count)
+    for reason, count in summary.ignored.items():
+        EVENTS.labels(source, "ignored", reason).inc(count)
 
 
 @dataclass
@@ -78,6 +88,7 @@ class EventSubmitter:
             self._dead_letter(record, source, delivery, index)
         summary.dead_lettered = len(broken)
         self.stats.merge(summary)
+        _count(summary, source_kind(source))
         if summary.ignored or broken:
             log.info("event from %s: %s", source, summary.as_dict())
         return summary

@@ -6,10 +6,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-sentinel >/dev/null 2>&1; then
-    echo "installing redis-server and redis-sentinel" >&2
+# Debian packages the tests run for real: Redis and Sentinel, and Prometheus with promtool
+# (tests/test_monitoring.py scrapes a worker and checks the alert rules).
+packages=""
+command -v redis-server >/dev/null 2>&1 || packages="$packages redis-server"
+command -v redis-sentinel >/dev/null 2>&1 || packages="$packages redis-sentinel"
+command -v promtool >/dev/null 2>&1 || packages="$packages prometheus"
+if [ -n "$packages" ]; then
+    echo "installing$packages" >&2
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server redis-sentinel >/dev/null
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+        $packages >/dev/null
 fi
 
 PYTHON=${PYTHON:-python3}

@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from producer.client import Client
 from schemas.jobs import Job, Task
+from schemas.keys import queue_name
 from schemas.results import Status
 from schemas.settings import Settings
 from tests.fixtures.services import free_port
@@ -60,7 +61,8 @@ def test_a_worker_counts_its_jobs_by_outcome_and_serves_its_probes(
     for stage in ("fetch", "decode", "forward", "write"):
         assert samples[("dualstream_stage_seconds_count", (("stage", stage),))] == 3
     assert samples[("dualstream_model_load_seconds", ())] > 0
-    assert samples[("dualstream_queue_jobs", (("state", "queued"),))] == 0
-    assert samples[("dualstream_queue_live_consumers", ())] == 1
+    queue = (("queue", queue_name(model)),)
+    assert samples[("dualstream_queue_jobs", (*queue, ("state", "queued")))] == 0
+    assert samples[("dualstream_queue_live_consumers", queue)] == 1
     info = [labels for name, labels in samples if name == "dualstream_worker_info"]
     assert info and dict(info[0])["model"] == model

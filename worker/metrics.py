@@ -64,19 +64,21 @@ class QueueCollector(Collector):
             return
         jobs = GaugeMetricFamily("dualstream_queue_jobs",
                                  "Jobs in this worker's queue: queued, or held by workers.",
-                                 labels=["state"])
-        jobs.add_metric(["queued"], load.queued_jobs)
-        jobs.add_metric(["held"], load.held_jobs)
+                                 labels=["queue", "state"])
+        jobs.add_metric([load.queue, "queued"], load.queued_jobs)
+        jobs.add_metric([load.queue, "held"], load.held_jobs)
         messages = GaugeMetricFamily("dualstream_queue_messages",
                                      "Messages in this worker's queue: queued, or held.",
-                                     labels=["state"])
-        messages.add_metric(["queued"], load.queued_messages)
-        messages.add_metric(["held"], load.held_messages)
+                                     labels=["queue", "state"])
+        messages.add_metric([load.queue, "queued"], load.queued_messages)
+        messages.add_metric([load.queue, "held"], load.held_messages)
+        consumers = GaugeMetricFamily("dualstream_queue_live_consumers",
+                                      "Consumers of the queue whose heartbeat is current.",
+                                      labels=["queue"])
+        consumers.add_metric([load.queue], load.live_consumers)
         yield jobs
         yield messages
-        yield GaugeMetricFamily("dualstream_queue_live_consumers",
-                                "Consumers of this queue whose heartbeat is current.",
-                                value=load.live_consumers)
+        yield consumers
 
 
 class DeviceMemoryCollector(Collector):
