@@ -66,6 +66,12 @@ class Settings(BaseSettings):
         "libraries; torch: JPEG batches decoded and resized by torchvision on the model's device "
         "(the GPU's decoder on CUDA); other formats and failures fall back to pil",
     )
+    # Unset, transparent pixels keep the colour stored under them, as in every family's
+    # reference pipeline (Pillow's convert("RGB")); set, they are composited onto this colour.
+    image_background: str | None = Field(
+        default=None, description="composite alpha and transparency onto this colour (a name "
+        "such as 'white' or '#rrggbb') instead of dropping them as the references do",
+    )
 
     # Batching and concurrency
     max_batch_items: int = Field(default=64, ge=1, le=65_535)  # a shard's rows: u16 in records

@@ -156,17 +156,17 @@ def test_empty_text_raises_empty_text(text, tiny_encoders) -> None:
     assert caught.value.code is ErrorCode.EMPTY_TEXT
 
 
-def test_truncated_jpeg_raises_corrupt_image(tiny_encoders, sample_images) -> None:
+def test_truncated_jpeg_raises_truncated_image(tiny_encoders, sample_images) -> None:
     data = sample_images[2]
     with pytest.raises(ImageError) as caught:
         embed_images(tiny_encoders["align"], [data[: len(data) // 3]])
-    assert caught.value.code is ErrorCode.CORRUPT_IMAGE
+    assert caught.value.code is ErrorCode.TRUNCATED_IMAGE
 
 
-def test_bytes_that_are_no_image_raise_unsupported_format(tiny_encoders) -> None:
+def test_bytes_that_are_no_image_raise_not_an_image(tiny_encoders) -> None:
     with pytest.raises(ImageError) as caught:
         embed_images(tiny_encoders["altclip"], [b"this is not an image at all" * 10])
-    assert caught.value.code is ErrorCode.UNSUPPORTED_FORMAT
+    assert caught.value.code is ErrorCode.NOT_AN_IMAGE
 
 
 def test_non_rgb_images_are_converted(tiny_encoders, sample_images) -> None:

@@ -121,7 +121,7 @@ def test_a_corrupt_image_fails_alone_and_its_batch_mates_complete(make_pipeline:
     missing = tmp_path / "missing.jpg"
     jobs = [image_job(p, settings.model) for p in [*good[:2], corrupt, missing, *good[2:]]]
     results = {r.source: r for r in (f.result(60) for f in pipeline.submit(jobs))}
-    assert results[str(corrupt)].error.code is ErrorCode.CORRUPT_IMAGE  # type: ignore[union-attr]
+    assert results[str(corrupt)].error.code is ErrorCode.TRUNCATED_IMAGE  # type: ignore[union-attr]
     assert results[str(missing)].error.code is ErrorCode.SOURCE_NOT_FOUND  # type: ignore[union-attr]
     assert all(results[str(p)].status is Status.DONE for p in good)
 

@@ -57,7 +57,7 @@ def test_a_bad_image_raises_its_code_either_way(encoder: Any, decoder: str) -> N
     preparer = ImagePreparer(Settings(image_decoder=decoder), encoder)  # type: ignore[arg-type]
     with pytest.raises(ImageError) as caught:
         preparer.prepare(JPEG[: len(JPEG) // 2])
-    assert caught.value.code == ErrorCode.CORRUPT_IMAGE
+    assert caught.value.code == ErrorCode.TRUNCATED_IMAGE
 
 
 def test_a_batch_decodes_deferred_jpegs_together_and_keeps_the_order(encoder: Any) -> None:

@@ -167,7 +167,7 @@ def test_every_bad_jpeg_fails_with_the_code_pillow_gives_it(tiny_encoders: dict[
     decoder = TensorDecoder(tiny_encoders["openclip"], DEFAULT_LIMITS)
     jpegs = [(name, data, code) for name, data, code in bad_image_corpus()
              if data[:3] == b"\xff\xd8\xff"]
-    jpegs.append(("truncated_photo", TRUNCATED_PHOTO, ErrorCode.CORRUPT_IMAGE.value))
+    jpegs.append(("truncated_photo", TRUNCATED_PHOTO, ErrorCode.TRUNCATED_IMAGE.value))
     assert len(jpegs) >= 6
     for name, data, code in jpegs:
         with pytest.raises(ImageError) as by_pillow:
@@ -218,12 +218,12 @@ def test_a_cmyk_jpeg_is_left_to_pillow() -> None:
     assert check_for_tensor_decode(data, DEFAULT_LIMITS) is None
 
 
-def test_a_corrupt_jpeg_in_a_batch_fails_alone(tiny_encoders: dict[str, Any]) -> None:
+def test_a_truncated_jpeg_in_a_batch_fails_alone(tiny_encoders: dict[str, Any]) -> None:
     encoder = tiny_encoders["openclip"]
     good = photo_like_jpegs(2)
     rows = TensorDecoder(encoder, DEFAULT_LIMITS).pixels(
         [checked(good[0]), checked(TRUNCATED_PHOTO), checked(good[1])])
-    assert isinstance(rows[1], ImageError) and rows[1].code == ErrorCode.CORRUPT_IMAGE
+    assert isinstance(rows[1], ImageError) and rows[1].code == ErrorCode.TRUNCATED_IMAGE
     alone = TensorDecoder(encoder, DEFAULT_LIMITS).pixels([checked(good[0]), checked(good[1])])
     assert torch.equal(rows[0], alone[0]) and torch.equal(rows[2], alone[1])  # type: ignore[arg-type]
 
@@ -312,7 +312,7 @@ def test_a_torch_decoder_pipeline_fails_each_bad_image_alone_with_its_code(
     encoder = tiny_encoders["openclip"]
     bad = {f"bad{i:02d}-{name}.jpg": data for i, (name, data, _) in enumerate(bad_image_corpus())}
     bad["truncated_photo.jpg"] = TRUNCATED_PHOTO
-    codes = [*(code for _, _, code in bad_image_corpus()), ErrorCode.CORRUPT_IMAGE.value]
+    codes = [*(code for _, _, code in bad_image_corpus()), ErrorCode.TRUNCATED_IMAGE.value]
     good = {f"photo{i}.jpg": data for i, data in enumerate(photo_like_jpegs(4))}
     paths = [*write(tmp_path, good | bad), tmp_path / "missing.jpg"]
     results, _ = run_pipeline(redis_url, tmp_path, encoder, paths, "torch", device_batches,

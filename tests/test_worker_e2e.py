@@ -162,7 +162,7 @@ def test_bad_sources_fail_alone_with_their_codes(start_worker: Any, settings: Se
     run_worker(start_worker, settings)
     results = dict(zip(sources, client.wait(ids, timeout=120), strict=True))
     assert all(results[name].status is Status.DONE for name in ("good0", "good1", "good2"))
-    expected = {"corrupt": ErrorCode.CORRUPT_IMAGE, "missing": ErrorCode.SOURCE_NOT_FOUND,
+    expected = {"corrupt": ErrorCode.TRUNCATED_IMAGE, "missing": ErrorCode.SOURCE_NOT_FOUND,
                 "no_bucket": ErrorCode.SOURCE_NOT_FOUND, "http": ErrorCode.SOURCE_NOT_ALLOWED}
     for name, code in expected.items():
         assert results[name].error is not None and results[name].error.code is code, name

@@ -4,6 +4,8 @@ own path), Pillow with scaled JPEG decoding (`jpeg_draft`), or torchvision (`ima
 With the torch decoder and a model on a GPU, a JPEG is only checked here and handed on as a
 `CheckedJpeg`: the model thread decodes each batch's JPEGs together on the device
 (`TensorDecoder`). Everywhere else the result is the model input itself.
+
+`image_background` reaches Pillow's decoding only: the JPEGs torchvision decodes have no alpha.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from PIL import ImageColor
 
 from schemas.settings import Settings
-from worker.decode import ImageLimits, decode_image, is_jpeg
+from worker.decode import RGB, ImageLimits, decode_image, is_jpeg
 from worker.models.base import Encoder
 from worker.tensor_decode import CheckedJpeg, TensorDecoder, check_for_tensor_decode
 
@@ -27,6 +30,7 @@ class ImagePreparer:
         self.limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels,
                                   settings.max_image_side)
         self._draft_side = encoder.draft_side if settings.jpeg_draft else None
+        self._background = _colour(settings.image_background)
         on_gpu = torch.device(encoder.device).type != "cpu"
         self.device_batches = settings.image_decoder == "torch" and (
             on_gpu if device_batches is None else device_batches)
@@ -52,7 +56,8 @@ class ImagePreparer:
 
     def with_pillow(self, data: bytes) -> torch.Tensor:
         """Model input through Pillow, whatever the decoder setting."""
-        image = decode_image(data, self.limits, draft_side=self._draft_side)
+        image = decode_image(data, self.limits, draft_side=self._draft_side,
+                             background=self._background)
         return self._encoder.preprocess_image(image)
 
     def pixels(self, data: bytes) -> torch.Tensor:
@@ -77,6 +82,17 @@ class ImagePreparer:
                 rows[i] = row
         return stack_rows([row for row in rows if isinstance(row, torch.Tensor)],
                           self._encoder.device)
+
+
+def _colour(name: str | None) -> RGB | None:
+    """`image_background` as an RGB triple; a name Pillow does not know fails at start-up."""
+    if name is None:
+        return None
+    try:
+        red, green, blue, *_ = ImageColor.getrgb(name)
+    except ValueError as exc:
+        raise ValueError(f"image_background: {exc}") from exc
+    return red, green, blue
 
 
 def stack_rows(rows: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
