@@ -131,6 +131,10 @@ class Settings(BaseSettings):
     retry_backoff_s: float = 1.0
     drain_timeout_s: float = 25.0
 
+    # Celery task events, which Flower and `celery events` show (each message costs Redis
+    # three PUBLISHes more: received, started, succeeded)
+    task_events: bool = True
+
     # Prometheus metrics and the HTTP probes (/metrics, /livez, /readyz) of a worker; 0: off
     metrics_port: int = Field(default=0, ge=0, le=65_535)
     metrics_host: str = "0.0.0.0"

@@ -44,6 +44,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         # Messages that never reach the task (not JSON, pickle, unknown task) are dead-lettered.
         "worker_consumer": "worker.tasks:Consumer",
+        # Task events for Flower and `celery events` (three small PUBLISHes a message).
+        "worker_send_task_events": settings.task_events,
         "worker_hijack_root_logger": False,
     }
     if settings.model:
