@@ -1,5 +1,6 @@
-"""Operator commands: `queue-load` (the work a model's queue holds, for scaling) and `restore`
-(put back what dead workers held, from outside any worker). No torch is imported here."""
+"""Service and operator commands: `api` (the HTTP API), `models` (what workers serve),
+`queue-load` (the work a model's queue holds, for scaling) and `restore` (put back what dead
+workers held, from outside any worker). No torch is imported here."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from control.broker import heartbeat_timing
 from control.connections import redis_client
 from control.inflight import InflightLedger
 from control.queue_load import queue_load
+from control.served import ModelRegistry
 from schemas.keys import RedisKeys, queue_name
 from schemas.settings import Settings
 
@@ -63,4 +65,34 @@ def restore(once: bool) -> None:
             click.echo(f"restored {moved} messages", err=True)
 
 
-COMMANDS = [queue_load_command, restore]
+@click.command()
+@click.option("--host", default=None, help="address to bind (default: DUALSTREAM_API_HOST)")
+@click.option("--port", type=int, default=None, help="port (default: DUALSTREAM_API_PORT)")
+def api(host: str | None, port: int | None) -> None:
+    """Serve the HTTP API (OpenAPI at /openapi.json)."""
+    import uvicorn
+
+    from producer.api import wrapped
+
+    settings = Settings()
+    if settings.api_token is None and settings.api_require_token:
+        raise click.UsageError("set DUALSTREAM_API_TOKEN (or DUALSTREAM_API_REQUIRE_TOKEN=false "
+                               "to serve without one, on a trusted network only)")
+    uvicorn.run(wrapped(settings), host=host or settings.api_host,
+                port=port or settings.api_port, log_level="info", access_log=False)
+
+
+@click.command()
+def models() -> None:
+    """List the models workers serve now: model, queue, workers, versions."""
+    settings = Settings()
+    served = ModelRegistry(redis_client(settings), RedisKeys(settings.key_prefix)).queues()
+    if not served:
+        click.echo("no worker has announced a model in the last minute")
+    for queue, group in sorted(served.items()):
+        click.echo(json.dumps({"model": group[0].model, "queue": queue,
+                               "workers": sorted(s.worker for s in group),
+                               "versions": sorted({s.version for s in group})}))
+
+
+COMMANDS = [api, models, queue_load_command, restore]

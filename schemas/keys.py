@@ -89,6 +89,10 @@ class RedisKeys:
     def dead_letters(self) -> str:
         return f"{self.prefix}:dlq"
 
+    def served(self, queue: str, worker: str) -> str:
+        """A worker's announcement that it serves `queue` (control/served.py), with a TTL."""
+        return f"{self.prefix}:served:{queue}|{worker}"
+
     @property
     def dead_letter_order(self) -> str:
         """The letters' ids scored by time, oldest first: what the caps trim."""

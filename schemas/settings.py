@@ -131,6 +131,21 @@ class Settings(BaseSettings):
     retry_backoff_s: float = 1.0
     drain_timeout_s: float = 25.0
 
+    # The HTTP API (`dualstream api`, producer/api.py)
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8080, ge=1, le=65_535)
+    api_token: SecretStr | None = Field(
+        default=None, description="bearer token every /v1 route asks for (not the scaling one)")
+    api_require_token: bool = Field(
+        default=True, description="false: the API takes requests without a token (local use)")
+    api_max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    api_max_backlog_jobs: int = Field(
+        default=1_000_000, ge=0, description="429 for a model with this many jobs queued and "
+        "held; 0: no bound")
+    unserved_models: Literal["refuse", "warn", "allow"] = Field(
+        default="warn", description="a submission to a model no worker announced: refused, "
+        "accepted with a warning, or accepted")
+
     # Celery task events, which Flower and `celery events` show (each message costs Redis
     # three PUBLISHes more: received, started, succeeded)
     task_events: bool = True

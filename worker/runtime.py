@@ -24,6 +24,8 @@ from control.deadletters import DeadLetterStore
 from control.objects import output_store
 from control.queue_load import queue_load
 from control.results import ResultStore
+from control.served import Announcer, ModelRegistry, ServedModel
+from dualstream import __version__
 from schemas.keys import RedisKeys, queue_name
 from schemas.settings import Settings
 from worker import metrics
@@ -56,6 +58,7 @@ class Runtime:
     policy: MessagePolicy
     health: HealthMonitor
     metrics_server: MetricsServer | None = None
+    announcer: Announcer | None = None
 
     def begin_drain(self) -> None:
         """SIGTERM: the policy stops starting messages; readiness goes."""
@@ -64,6 +67,8 @@ class Runtime:
 
     def close(self) -> None:
         start = time.monotonic()
+        if self.announcer is not None:
+            self.announcer.stop()
         if self.metrics_server is not None:
             self.metrics_server.stop()
         self.health.stop()
@@ -93,8 +98,11 @@ def build_runtime(settings: Settings, encoder: Encoder | None = None) -> Runtime
         last_progress=lambda: pipeline.last_progress,
         broker_ok=_answers(redis_client(settings, retries=0, timeout_s=2.0)))
     health.start()
+    announcer = Announcer(ModelRegistry(client, keys), ServedModel(
+        model=settings.model, queue=queue_name(settings.model), version=__version__,
+        worker=worker_name(), announced_at=time.time())).start()
     return Runtime(settings, encoder, results, dead_letters, pipeline, policy, health,
-                   _serve_metrics(settings, client, keys, health))
+                   _serve_metrics(settings, client, keys, health), announcer)
 
 
 def _serve_metrics(settings: Settings, client: redis.Redis, keys: RedisKeys,
