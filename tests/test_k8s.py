@@ -112,6 +112,9 @@ def _effective_env(objects: tuple[dict[str, Any], ...],
     """The container's environment: its ConfigMaps', then its own (a Secret's value is None)."""
     maps = {obj["metadata"]["name"]: obj.get("data", {})
             for obj in _of_kind(objects, "ConfigMap")}
+    if not maps:  # an example: it runs beside production and uses its ConfigMaps
+        maps = {obj["metadata"]["name"]: obj.get("data", {})
+                for obj in _of_kind(_render(PRODUCTION), "ConfigMap")}
     env: dict[str, str | None] = {}
     for source in container.get("envFrom", []):
         if "configMapRef" in source:
@@ -274,6 +277,34 @@ def test_settings_names_are_real_settings(rendered: tuple[dict[str, Any], ...]) 
     names |= {var["name"] for obj in rendered for container in _containers(obj)
               for var in container.get("env", [])}
     assert {name for name in names if name.startswith("DUALSTREAM_")} <= known
+
+
+def test_every_configmap_a_container_names_is_there(
+        rendered: tuple[dict[str, Any], ...]) -> None:
+    """In its own render, or (for an example applied on its own) under a fixed name in
+    production's: a hashed name would not be found from outside its overlay."""
+    own = {obj["metadata"]["name"] for obj in _of_kind(rendered, "ConfigMap")}
+    production_maps = {obj["metadata"]["name"] for obj in _of_kind(_render(PRODUCTION),
+                                                                   "ConfigMap")}
+    for obj in rendered:
+        for container in _containers(obj):
+            for source in container.get("envFrom", []):
+                name = source["configMapRef"]["name"]
+                assert name in (own or production_maps), (obj["metadata"]["name"], name)
+
+
+def test_each_containers_settings_parse(rendered: tuple[dict[str, Any], ...],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The values the ConfigMaps and env give are ones the settings object accepts."""
+    for obj in rendered:
+        for container in _containers(obj):
+            env = {name: value for name, value in _effective_env(rendered, container).items()
+                   if name.startswith("DUALSTREAM_") and name not in CLI_ENV
+                   and value is not None}
+            with monkeypatch.context() as patch:
+                for name, value in env.items():
+                    patch.setenv(name, value)
+                Settings()
 
 
 def test_images_are_pinned_by_tag_or_digest(rendered: tuple[dict[str, Any], ...]) -> None:
