@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from control.queue_load import QueueLoad
 from schemas.keys import queue_name
 from schemas.settings import Settings
 from tests.dockerfiles import DOCKERFILES, REPO, final_env, final_user, image_is_pinned
@@ -231,6 +232,8 @@ def test_workers_probe_the_health_endpoint_on_port_9100(
     for worker in _workers(rendered):
         [container] = worker["spec"]["template"]["spec"]["containers"]
         ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+        served_on = _effective_env(rendered, container)["DUALSTREAM_METRICS_PORT"]
+        assert served_on is not None and int(served_on) == 9100
         paths = {name: container[name]["httpGet"]["path"]
                  for name in ("startupProbe", "livenessProbe", "readinessProbe")}
         assert paths == {"startupProbe": "/livez", "livenessProbe": "/livez",
@@ -331,7 +334,9 @@ def test_each_scaled_object_reads_its_own_workers_queue(
         assert model is not None
         [trigger] = scaled["spec"]["triggers"]
         assert trigger["type"] == "metrics-api"
-        assert trigger["metadata"]["valueLocation"] == "desired"
+        served = QueueLoad(queue="q", queued_messages=2, queued_jobs=40, held_messages=1,
+                           held_jobs=32, live_consumers=1).as_json()  # what the API serves
+        assert served[trigger["metadata"]["valueLocation"]] == 40 + 32
         url = urlsplit(trigger["metadata"]["url"])
         assert url.path == f"/v1/models/{queue_name(model)}/scaling"
         assert url.hostname == f"dualstream-api.{scaled['metadata']['namespace']}.svc.cluster.local"
