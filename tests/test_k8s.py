@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import click
 import pytest
 import yaml
 
@@ -308,6 +309,40 @@ def test_each_containers_settings_parse(rendered: tuple[dict[str, Any], ...],
                 for name, value in env.items():
                     patch.setenv(name, value)
                 Settings()
+
+
+def _parse_command(argv: list[str]) -> click.Context | None:
+    """The `dualstream` command line parsed by the real CLI, as the container would run it;
+    None for a command this checkout does not have yet."""
+    from dualstream.cli import cli
+
+    assert argv[0] == "dualstream", argv
+    command: click.Command = cli
+    ctx = command.make_context("dualstream", argv[1:])
+    while isinstance(command, click.Group):
+        words = [*ctx.protected_args, *ctx.args]
+        if command.get_command(ctx, words[0]) is None:
+            return None
+        _, found, rest = command.resolve_command(ctx, words)
+        assert found is not None
+        command = found
+        ctx = command.make_context(command.name or "", rest, parent=ctx)
+    return ctx
+
+
+def test_container_commands_parse_and_servers_listen_on_every_address(
+        rendered: tuple[dict[str, Any], ...]) -> None:
+    for obj in rendered:
+        for container in _containers(obj):
+            argv = [*container.get("command", []), *container.get("args", [])]
+            if not argv or argv[0] != "dualstream":
+                continue
+            ctx = _parse_command(argv)
+            if ctx is None:
+                assert argv[1:2] == ["api"], argv  # the API is being built elsewhere
+                continue
+            if container.get("ports") and "host" in ctx.params:
+                assert ctx.params["host"] == "0.0.0.0", argv
 
 
 def test_images_are_pinned_by_tag_or_digest(rendered: tuple[dict[str, Any], ...]) -> None:
