@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from schemas.errors import ErrorCode, invalid_job_error
+from schemas.keys import canonical_model
 
 SCHEMA_VERSION: Literal[1] = 1
 DEFAULT_TEMPLATE = "This is a photo of {}."
@@ -98,6 +99,12 @@ class Job(_Frozen):
     # An S3 object version (`VersionId`): read exactly that version, not the latest.
     version: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
     idempotency_key: Annotated[str, Field(max_length=256)] | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _one_spelling(cls, model: str) -> str:
+        """Equivalent spellings of a model are one model: one queue, one job id."""
+        return canonical_model(model)
 
     @model_validator(mode="after")
     def _inputs_match_task(self) -> Job:

@@ -4,11 +4,34 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import posixpath
 import re
 from dataclasses import dataclass
 
 TASK_NAME = "dualstream.process"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+# Spellings that name the same model: a family prefix, open_clip's `hf-hub:`/`local-dir:`
+# schemas, trailing slashes. The worker still loads the spec it was given; these only decide
+# the queue and the model a job names.
+_SPEC_PREFIXES = ("align:", "openclip:", "altclip:")
+_SOURCE_PREFIXES = ("hf-hub:", "local-dir:")
+
+
+def canonical_model(spec: str) -> str:
+    """The one spelling of a model spec that names its queue: `align:kakaobrain/align-base`,
+    `kakaobrain/align-base/` and `kakaobrain/align-base` are one model, as are
+    `openclip:hf-hub:laion/X`, `hf-hub:laion/X` and `laion/X`, and `local-dir:/m/`, `/m`."""
+    text = spec.strip()
+    for prefixes in (_SPEC_PREFIXES, _SOURCE_PREFIXES):
+        for prefix in prefixes:
+            if text.startswith(prefix) and text[len(prefix):].strip():
+                text = text[len(prefix):].strip()
+                break
+    if text.startswith(("/", "./", "../", "~")):
+        text = posixpath.normpath(text)
+    return text.rstrip("/") or text
 
 
 def model_slug(model: str) -> str:
@@ -20,8 +43,8 @@ def model_slug(model: str) -> str:
 
 
 def queue_name(model: str) -> str:
-    """One Celery queue per model."""
-    return f"dualstream.{model_slug(model)}"
+    """One Celery queue per model, whichever way its spec is spelled."""
+    return f"dualstream.{model_slug(canonical_model(model))}"
 
 
 @dataclass(frozen=True)
@@ -122,7 +145,7 @@ class ShardPaths:
 
     @property
     def directory(self) -> str:
-        return f"{model_slug(self.model)}/{self.modality}"
+        return f"{model_slug(canonical_model(self.model))}/{self.modality}"
 
     def embeddings(self, shard_id: str) -> str:
         return f"{self.directory}/{shard_id}.npy"

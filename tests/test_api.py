@@ -17,6 +17,7 @@ import pytest
 import uvicorn
 
 from producer.api import wrapped
+from schemas.keys import canonical_model
 from schemas.settings import Settings
 from tests.fixtures.services import REPO, free_port, worker_env
 
@@ -164,6 +165,14 @@ def test_a_job_submitted_over_http_is_finished_by_a_real_worker(
         time.sleep(0.2)
     [served] = call(f"{base}/v1/models")[1]
     assert served["model"] == model and served["workers"]
+    # Another spelling of the same model lands on the same queue and the same worker.
+    other = canonical_model(model) + "/"
+    assert other != model
+    status, answer, _ = call(f"{base}/v1/jobs", "POST", text_job("spelt otherwise", other))
+    assert status == 202 and answer["queue"] == served["queue"]
+    while call(f"{base}/v1/jobs/{answer['job_id']}")[1]["status"] != "done":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
 
 
 def test_schemathesis_finds_no_server_error(api: Callable[..., str]) -> None:

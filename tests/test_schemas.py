@@ -182,3 +182,22 @@ def test_a_run_id_is_letters_digits_dots_underscores_and_dashes(run_id: str) -> 
     with pytest.raises(ValidationError):
         JobMessage(jobs=[job], run_id=run_id)
     assert JobMessage(jobs=[job], run_id="run-1.a_b").run_id == "run-1.a_b"
+
+
+@pytest.mark.parametrize("spellings", [
+    ["kakaobrain/align-base", "align:kakaobrain/align-base", "kakaobrain/align-base/",
+     " align: kakaobrain/align-base "],
+    ["laion/CLIP-ViT-B-16-laion2B-s34B-b88K", "hf-hub:laion/CLIP-ViT-B-16-laion2B-s34B-b88K",
+     "openclip:hf-hub:laion/CLIP-ViT-B-16-laion2B-s34B-b88K"],
+    ["/models/tiny", "/models/tiny/", "local-dir:/models/tiny",
+     "openclip:local-dir:/models//tiny/"],
+])
+def test_equivalent_model_spellings_share_a_queue_and_a_job_id(spellings: list[str]) -> None:
+    assert len({queue_name(spec) for spec in spellings}) == 1
+    jobs = [Job(task=Task.TEXT_EMBEDDING, text="t", model=spec) for spec in spellings]
+    assert len({job.job_id for job in jobs}) == 1 and len({job.model for job in jobs}) == 1
+
+
+def test_different_models_keep_different_queues() -> None:
+    specs = ["kakaobrain/align-base", "BAAI/AltCLIP", "ViT-B-16", "/models/a", "/models/b"]
+    assert len({queue_name(spec) for spec in specs}) == len(specs)

@@ -29,6 +29,7 @@ from control.deadletters import DeadLetterStore, Delivery
 from control.results import ResultStore, Settlement
 from schemas.errors import ErrorCode, JobBusy, TransientError
 from schemas.jobs import MAX_RUN_ID, RUN_ID, Job, JobMessage
+from schemas.keys import canonical_model
 from schemas.results import ErrorInfo, JobResult, Status, Timings
 from schemas.settings import Settings
 from worker.pipeline import Pipeline
@@ -182,7 +183,7 @@ class MessagePolicy:
                 self._reject(raw, validation_code(exc), validation_message(exc), message_id,
                              queue, index=index)
                 continue
-            if job.model != self.settings.model:
+            if job.model != canonical_model(self.settings.model):
                 self._fail_now(job, ErrorCode.WRONG_MODEL,
                                f"this worker serves {self.settings.model!r}, not {job.model!r}",
                                run_of(payload))
