@@ -13,6 +13,7 @@ from producer.event_cli import events
 from producer.ops_cli import COMMANDS as OPS_COMMANDS
 from worker.cli import COMMANDS as WORKER_COMMANDS
 from worker.extra import missing_worker_extra
+from worker.tools_cli import COMMANDS as TOOL_COMMANDS
 
 
 @click.group()
@@ -21,7 +22,7 @@ def cli() -> None:
     """dualstream: embeddings and zero-shot labels for images and texts, from a queue."""
 
 
-for _command in [*PRODUCER_COMMANDS, *OPS_COMMANDS, events, *WORKER_COMMANDS]:
+for _command in [*PRODUCER_COMMANDS, *OPS_COMMANDS, events, *WORKER_COMMANDS, *TOOL_COMMANDS]:
     cli.add_command(_command)
 
 

@@ -72,6 +72,8 @@ class MetadataRow(_Frozen):
     labels: Annotated[list[str], ColumnType.STRING_LIST]  # zero-shot labels, best first; else []
     scores: Annotated[list[float], ColumnType.FLOAT32_LIST]  # one per label
     text_truncated: Annotated[bool, ColumnType.BOOL]
+    # The run whose message carried the job (`dualstream export RUN` selects by it).
+    run_id: Annotated[str | None, ColumnType.STRING] = None
 
     @model_validator(mode="after")
     def _one_score_per_label(self) -> MetadataRow:

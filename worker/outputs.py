@@ -133,7 +133,7 @@ def _metadata_row(row: int, output: OutputRow) -> MetadataRow:
                        etag=output.etag, version=output.job.version, task=output.job.task,
                        model=output.job.model,
                        labels=[s.label for s in labels], scores=[s.score for s in labels],
-                       text_truncated=output.text_truncated)
+                       text_truncated=output.text_truncated, run_id=output.run_id)
 
 
 def _metadata_table(rows: Sequence[OutputRow]) -> pa.Table:
