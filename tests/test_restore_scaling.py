@@ -110,3 +110,30 @@ def test_a_long_queue_is_estimated_from_both_ends_and_a_garbled_message_counts_o
     estimated = queue_load(client, RedisKeys(), queue, heartbeat_ttl_s=10)
     assert estimated.queued_messages == READ_WHOLE_UP_TO + 100
     assert abs(estimated.queued_jobs - (3 * 611 + 1)) <= 0.01 * 3 * 611  # a sample: close
+
+
+# Keys without a TTL, each with the owner that trims it (docs/operations.md, "Redis hygiene").
+OWNED_KEYS = [
+    (r"^dualstream\.", "a model's queue: workers empty it"),
+    (r"^ds:inflight\|", "a consumer's held messages: acked, or swept back when it dies"),
+    (r"^ds:consumers(:swept)?$", "the consumer index: a sweep forgets dead entries"),
+    (r"^ds:dlq(:order|:stats)?$", "the dead-letter store: capped by entries and bytes"),
+    (r"^_kombu\.binding", "kombu's exchange bindings and their deadlines: one per queue"),
+]
+
+
+def test_every_key_a_run_leaves_has_a_ttl_or_an_owner(
+        start_worker: Any, redis_url: str, tiny_model_dirs: dict[str, str]) -> None:
+    import re
+
+    model = tiny_model_dirs["openclip"]
+    start_worker(redis_url=redis_url, model=model)
+    client = Client(Settings(redis_url=redis_url, model=model))
+    jobs = [Job(task=Task.TEXT_EMBEDDING, text=f"text {i}", model=model) for i in range(6)]
+    client.wait(client.submit_many(jobs[:3]) + client.submit_many(jobs[3:], run_id="hygiene"),
+                timeout=120)
+    broker = redis.Redis.from_url(redis_url)
+    unowned = [key.decode() for key in broker.scan_iter(count=1000)
+               if broker.ttl(key) == -1
+               and not any(re.match(pattern, key.decode()) for pattern, _ in OWNED_KEYS)]
+    assert not unowned, f"keys with neither a TTL nor an owner: {unowned}"
