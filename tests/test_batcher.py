@@ -1,4 +1,4 @@
-"""The micro-batcher's decisions, on a fake clock; then the model stage's loop that drives it
+"""The micro-batcher's decisions, on a fake clock; then the staging stage's loop that drives it
 with the real queue, where nothing makes it wait. No threads, no sleeps."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from schemas.settings import Settings
 from worker.batcher import MicroBatcher
-from worker.model_stage import ModelStage
+from worker.staging_stage import PipelineStats, StagingStage
 
 WAIT_S = 0.05
 
@@ -114,7 +114,7 @@ def test_no_wait_flushes_every_batch_at_once(clock: FakeClock) -> None:
     assert b.due(more_coming=True)
 
 
-# --- the model stage drives it with the ready queue ------------------------------------------
+# --- the staging stage drives it with the ready queue ------------------------------------------
 
 
 class Preparing:
@@ -125,25 +125,26 @@ class Preparing:
         return self._more_coming
 
 
-def model_stage(ready: queue.Queue[Any], *, more_coming: bool, max_items: int = 3,
-                wait_ms: int = 60_000) -> ModelStage:
+def staging_stage(ready: queue.Queue[Any], *, more_coming: bool, max_items: int = 3,
+                wait_ms: int = 60_000) -> StagingStage:
     settings = Settings(model="tiny/model", max_batch_items=max_items,
                         max_batch_wait_ms=wait_ms)
     unused: Any = None
     preparing: Any = Preparing(more_coming)
-    return ModelStage(settings, unused, preparing, ready, queue.Queue(), unused)
+    return StagingStage(settings, unused, preparing, ready, queue.Queue(), unused,
+                        PipelineStats())
 
 
-def test_the_model_stage_takes_what_is_queued_in_order_and_in_full_batches() -> None:
+def test_the_staging_stage_takes_what_is_queued_in_order_and_in_full_batches() -> None:
     ready: queue.Queue[Any] = queue.Queue()
     for name in "abcde":
         ready.put(name)
-    stage = model_stage(ready, more_coming=False)
+    stage = staging_stage(ready, more_coming=False)
     assert stage._collect() == ["a", "b", "c"]
     assert stage._collect() == ["d", "e"]
 
 
-def test_the_model_stage_does_not_wait_when_the_wait_is_zero_though_more_is_coming() -> None:
+def test_the_staging_stage_does_not_wait_when_the_wait_is_zero_though_more_is_coming() -> None:
     ready: queue.Queue[Any] = queue.Queue()
     ready.put("a")
-    assert model_stage(ready, more_coming=True, wait_ms=0)._collect() == ["a"]
+    assert staging_stage(ready, more_coming=True, wait_ms=0)._collect() == ["a"]
