@@ -38,6 +38,8 @@ from worker.supervisor import child_env
 pytestmark = pytest.mark.timeout(300)
 
 GRACE_S = 8.0
+# A killed child's row claims expire this soon, so the next worker need not wait the default 120 s
+CLAIM_LEASE_S = 3
 EXIT_SLACK_S = 4.0  # two processes' teardown and this test's polling, on top of the grace
 
 
@@ -48,7 +50,7 @@ def start_two(start_worker: Any, redis_url: str, model: str, tmp_path: Path) -> 
               "--loglevel", "INFO"],
         redis_url=redis_url, model=model, output_uri=(tmp_path / "out").as_uri(),
         health_dir=str(tmp_path / "health"), health_interval_s=0.5, heartbeat_ttl_s=2,
-        drain_timeout_s=GRACE_S)
+        claim_lease_s=CLAIM_LEASE_S, drain_timeout_s=GRACE_S)
     wait_for(lambda: worker.output().count(" ready.") == 2, 120, "both children ready")
     return worker
 
@@ -147,7 +149,8 @@ def test_a_child_killed_stops_the_others_and_its_messages_come_back(
         "the survivor was stopped, and drained"
 
     start_worker(redis_url=redis_url, model=model, output_uri=(tmp_path / "out").as_uri(),
-                 health_dir=str(tmp_path / "health-next"), heartbeat_ttl_s=2)
+                 health_dir=str(tmp_path / "health-next"), heartbeat_ttl_s=2,
+                 claim_lease_s=CLAIM_LEASE_S)
     wait_for(lambda: set(statuses(client, ids).values()) == {Status.DONE}, 120,
              "every job done by the next worker")
     assert sorted(rows(tmp_path, model)) == sorted(ids), "each job has exactly one row"
