@@ -44,6 +44,9 @@ def _command_line() -> str:
               help=f"images for the tiny model [default {DEFAULT_PLANS['tiny'].images}]")
 @click.option("--vit-images", type=int, default=None,
               help=f"images for ViT-B/16 [default {DEFAULT_PLANS['vit-b-16'].images}]")
+@click.option("--worker-processes", type=click.IntRange(min=1), default=None,
+              help="b's worker processes on one queue, each with the plan's torch threads "
+                   "[default 1]")
 @click.option("--image-sizes", default=",".join(f"{w}x{h}" for w, h in SIZES),
               show_default=True, help="JPEG sizes to cycle through (WxH,...)")
 @click.option("--set", "overrides", multiple=True, metavar="MODEL.FIELD=VALUE",
@@ -66,7 +69,7 @@ def _command_line() -> str:
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="write the JSON report here [default WORKDIR/bench.json]")
 def bench_command(models: str, modes: str, modality: str, texts: int | None,
-                  images: int | None, vit_images: int | None,
+                  images: int | None, vit_images: int | None, worker_processes: int | None,
                   image_sizes: str, overrides: tuple[str, ...], settings: tuple[str, ...],
                   device: str, dtype: str,
                   workdir: Path, profile: str | None, model_cache: Path,
@@ -80,6 +83,8 @@ def bench_command(models: str, modes: str, modality: str, texts: int | None,
         sized.insert(0, f"tiny.images={images}")
     if vit_images is not None:
         sized.insert(0, f"vit-b-16.images={vit_images}")
+    if worker_processes is not None:
+        sized[:0] = [f"{name}.worker_processes={worker_processes}" for name in MODELS]
     try:
         plans = apply_overrides(DEFAULT_PLANS, sized)
     except ValueError as exc:

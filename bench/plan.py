@@ -38,6 +38,8 @@ class ModelPlan:
     naive_pool: str
     naive_concurrency: int
     naive_torch_threads: int
+    # b's worker processes on one queue (`dualstream worker --processes`), torch_threads each
+    worker_processes: int = 1
     extra_worker_settings: dict[str, str] = field(default_factory=dict)
 
     def items(self, modality: str) -> int:
@@ -50,6 +52,7 @@ class ModelPlan:
                 "max_inflight_messages": self.max_inflight_messages,
                 "fetch_threads": self.fetch_threads,
                 "preprocess_threads": self.preprocess_threads,
+                "worker_processes": self.worker_processes,
                 **self.extra_worker_settings}
 
 

@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     max_inflight_messages: int = Field(default=16, ge=1, description="unacknowledged messages")
     fetch_threads: int = Field(default=16, ge=1)
     preprocess_threads: int = Field(default=2, ge=1)
+    worker_processes: int = Field(
+        default=1, ge=1, description="worker processes for the model on this machine, each "
+        "with its own interpreter and model copy (sharing the GPU); more than 1: a supervisor "
+        "starts them (worker/supervisor.py)")
 
     # Sources
     s3_endpoint_url: str | None = None

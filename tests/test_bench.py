@@ -77,7 +77,7 @@ def test_batch_fill_is_read_from_the_committed_shards(report: dict[str, object])
 @pytest.fixture(scope="module")
 def text_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     return run_bench(tmp_path_factory.mktemp("bench-text"), "--modality", "text",
-                     "--texts", "8")
+                     "--texts", "8", "--worker-processes", "2")
 
 
 def test_text_mode_runs_every_mode_on_text_embedding_jobs(
@@ -95,6 +95,7 @@ def test_text_mode_runs_every_mode_on_text_embedding_jobs(
     assert streaming["shards"] >= 2
     assert streaming["rows_per_shard"] * streaming["shards"] == pytest.approx(8)
     assert tiny["modes"]["naive"]["rows_per_shard"] == 1.0
+    assert streaming["worker_settings"]["worker_processes"] == 2  # b's supervisor and children
 
 
 def test_the_redis_cost_bench_counts_each_sides_commands_cpu_and_bytes(

@@ -6,6 +6,7 @@ imports happen when one runs: without the `[worker]` extra, the root says what i
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,20 +22,35 @@ if TYPE_CHECKING:
 @click.command()
 @click.option("--model", default=None, help="model spec to serve (default: DUALSTREAM_MODEL)")
 @click.option("--concurrency", type=int, default=None, help="unacknowledged messages held")
+@click.option("--processes", type=click.IntRange(min=1), default=None,
+              help="worker processes, each with its own model copy "
+                   "(default: DUALSTREAM_WORKER_PROCESSES, 1)")
+@click.option("--child", type=int, default=None, hidden=True,
+              help="set by the supervisor: this child's index, in its Celery node name")
 @click.option("--loglevel", default="INFO")
-def worker(model: str | None, concurrency: int | None, loglevel: str) -> None:
-    """Run a Celery worker for one model's queue (threads pool, late acknowledgement)."""
-    from worker.celery_app import create_app
-
+def worker(model: str | None, concurrency: int | None, processes: int | None,
+           child: int | None, loglevel: str) -> None:
+    """Run a Celery worker for one model's queue (threads pool, late acknowledgement); with
+    several processes, a supervisor that runs one such worker in each."""
     settings = Settings()
-    overrides = {k: v for k, v in {"model": model, "max_inflight_messages": concurrency}.items()
-                 if v is not None}
+    overrides = {k: v for k, v in {"model": model, "max_inflight_messages": concurrency,
+                                   "worker_processes": processes}.items() if v is not None}
     settings = settings.model_copy(update=overrides)
     if not settings.model:
         raise click.UsageError("no model: pass --model or set DUALSTREAM_MODEL")
+    if settings.worker_processes > 1:
+        from worker.supervisor import supervise
+
+        logging.basicConfig(level=loglevel.upper(),
+                            format="[%(asctime)s: %(levelname)s/supervisor] %(message)s")
+        raise SystemExit(supervise(settings, loglevel))
+    from worker.celery_app import create_app
+
+    node = "-".join(["dualstream", model_slug(settings.model),
+                     *([str(child)] if child is not None else [])])
     status = _run_celery(create_app(settings), [
         "worker", "--pool=threads", f"--concurrency={settings.max_inflight_messages}",
-        "-Q", queue_name(settings.model), "-n", f"dualstream-{model_slug(settings.model)}@%h",
+        "-Q", queue_name(settings.model), "-n", f"{node}@%h",
         f"--loglevel={loglevel}", "--without-gossip", "--without-mingle",
     ])
     if status:

@@ -4,6 +4,10 @@ A monitor thread in the worker touches `<dir>/live` while the model stage keeps 
 (it goes stale when the loop is stuck) and keeps `<dir>/ready` present only while Redis answers,
 the pipeline is healthy and the worker is not draining after SIGTERM. `dualstream health
 live|ready` is the probe command.
+
+With several worker processes (`dualstream worker --processes N`, worker/supervisor.py) each
+child keeps its files in its own directory, `<dir>/worker-<i>`, and the probe passes only if
+every child's file is fresh: one stuck or dead child fails the pod's probe.
 """
 
 from __future__ import annotations
@@ -74,9 +78,22 @@ class HealthMonitor:
             self._stop.wait(self._interval_s)
 
 
+CHILD_PREFIX = "worker-"
+
+
+def child_directory(directory: Path, index: int) -> Path:
+    """Where child `index` of a supervised worker keeps its files."""
+    return directory / f"{CHILD_PREFIX}{index}"
+
+
 def probe(directory: Path, which: str, max_age_s: float) -> bool:
-    """What a Kubernetes exec probe runs: is the file there and fresh enough?"""
-    path = directory / which
+    """What a Kubernetes exec probe runs: is the file there and fresh enough (in every child's
+    directory, if the worker has children)?"""
+    children = sorted(directory.glob(f"{CHILD_PREFIX}*"))
+    return all(_fresh(place / which, max_age_s) for place in children or [directory])
+
+
+def _fresh(path: Path, max_age_s: float) -> bool:
     try:
         return time.time() - path.stat().st_mtime < max_age_s
     except FileNotFoundError:
