@@ -83,6 +83,10 @@ def child_env(settings: Settings, index: int, environ: Mapping[str, str],
     env = dict(environ)
     env["DUALSTREAM_WORKER_PROCESSES"] = "1"
     env["DUALSTREAM_HEALTH_DIR"] = str(child_directory(Path(settings.health_dir), index))
+    if settings.metrics_port:
+        # One HTTP endpoint per child, on consecutive ports (each serves its own /metrics and
+        # probes; `dualstream health` checks every child's files).
+        env["DUALSTREAM_METRICS_PORT"] = str(settings.metrics_port + index)
     if "OMP_NUM_THREADS" not in env:
         cores = cores or len(os.sched_getaffinity(0))
         env["OMP_NUM_THREADS"] = str(max(1, cores // settings.worker_processes))
