@@ -66,6 +66,11 @@ def _command_line() -> str:
               help="py-spy the b and c workers during their last throughput run (needs py-spy)")
 @click.option("--model-cache", type=click.Path(file_okay=False, path_type=Path),
               default=DEFAULT_CACHE, show_default=True, help="where the random checkpoints live")
+@click.option("--redis-cost", "redis_cost_jobs", type=int, default=None, metavar="JOBS",
+              help="also measure what a bulk job costs Redis (bench/redis_cost.py) with JOBS "
+                   "jobs, 32 a message, 5 labels; --modes '' for that section alone")
+@click.option("--redis-cost-baseline", default=None, metavar="GIT-REV",
+              help="measure the code at GIT-REV the same way, in the same run")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="write the JSON report here [default WORKDIR/bench.json]")
 def bench_command(models: str, modes: str, modality: str, texts: int | None,
@@ -73,6 +78,7 @@ def bench_command(models: str, modes: str, modality: str, texts: int | None,
                   image_sizes: str, overrides: tuple[str, ...], settings: tuple[str, ...],
                   device: str, dtype: str,
                   workdir: Path, profile: str | None, model_cache: Path,
+                  redis_cost_jobs: int | None, redis_cost_baseline: str | None,
                   json_out: Path | None) -> None:
     """Throughput and latency: ceiling vs dualstream vs naive Celery, tiny and ViT-B/16, on
     images or (`--modality text`) on texts."""
@@ -90,16 +96,24 @@ def bench_command(models: str, modes: str, modality: str, texts: int | None,
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     options = BenchOptions(
-        models=_csv(models, MODELS, "--models"), modes=_csv(modes, MODES, "--modes"),
+        models=_csv(models, MODELS, "--models"),
+        modes=_csv(modes, MODES, "--modes") if modes.strip() or not redis_cost_jobs else (),
         plans=plans, workdir=workdir.resolve(), modality=modality, device=device, dtype=dtype,
         settings=_settings(settings),
         command=_command_line(), profile=profile, model_cache=model_cache,
         image_sizes=parse_sizes(image_sizes))
-    report = run_benchmark(options)
+    report = run_benchmark(options) if options.modes else {"command": options.command}
+    if redis_cost_jobs:
+        from bench.redis_cost import render, section
+
+        report["redis_cost"] = section(redis_cost_jobs, 32, 5, 64, redis_cost_baseline)
     target = json_out or workdir / "bench.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(report, indent=2))
-    click.echo(render_table(report))
+    if options.modes:
+        click.echo(render_table(report))
+    if redis_cost_jobs:
+        click.echo(render(report["redis_cost"], report["redis_cost"].get("baseline")))
     click.echo(f"\nJSON report: {target}")
 
 

@@ -426,6 +426,28 @@ def _baseline(revision: str, args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def section(jobs: int, per_message: int, labels: int, singles: int,
+            baseline_revision: str | None = None) -> dict[str, Any]:
+    """The whole measurement as one report: what `python -m bench --redis-cost` adds to its
+    JSON, and what this module's command prints."""
+    args = argparse.Namespace(jobs=jobs, per_message=per_message, labels=labels,
+                              singles=singles)
+    baseline = _baseline(baseline_revision, args) if baseline_revision else None
+    with tempfile.TemporaryDirectory(prefix="ds-redis-cost-") as workdir:
+        report = measure(jobs, per_message, labels, singles, Path(workdir))
+    replays = [replay(max(jobs, 16_384), per_message, labels) for _ in range(3)]
+    if all(replays):
+        # This VM's per-command cost moves by half from one run to the next: best and worst.
+        best = min(replays, key=lambda r: r["redis_cpu_us_per_job"])  # type: ignore[index]
+        report["replay"] = {**best, "runs_us_per_job": [r["redis_cpu_us_per_job"]  # type: ignore[index]
+                                                        for r in replays]}
+    report["floor"] = floor(per_message)
+    report["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if baseline is not None:
+        report["baseline"] = baseline
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=2048)
@@ -435,21 +457,8 @@ def main() -> None:
     parser.add_argument("--baseline", default=None, metavar="GIT-REV")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    baseline = _baseline(args.baseline, args) if args.baseline else None
-    with tempfile.TemporaryDirectory(prefix="ds-redis-cost-") as workdir:
-        report = measure(args.jobs, args.per_message, args.labels, args.singles,
-                         Path(workdir))
-    replays = [replay(max(args.jobs, 16_384), args.per_message, args.labels) for _ in range(3)]
-    if all(replays):
-        # This VM's per-command cost moves by half from one run to the next: best and worst.
-        best = min(replays, key=lambda r: r["redis_cpu_us_per_job"])  # type: ignore[index]
-        report["replay"] = {**best, "runs_us_per_job": [r["redis_cpu_us_per_job"]  # type: ignore[index]
-                                                        for r in replays]}
-    report["floor"] = floor(args.per_message)
-    report["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    if baseline is not None:
-        report["baseline"] = baseline
-    print(render(report, baseline))
+    report = section(args.jobs, args.per_message, args.labels, args.singles, args.baseline)
+    print(render(report, report.get("baseline")))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 
