@@ -26,8 +26,9 @@ TOKEN = "api-t0ken"
 MODEL = "tiny/unserved"
 
 
-def serve(settings: Settings) -> Iterator[str]:
-    port = free_port()
+def serve(settings: Settings, port: int | None = None) -> Iterator[str]:
+    """The API on `port` (a free one by default): yields its base URL, then stops it."""
+    port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(wrapped(settings), host="127.0.0.1", port=port,
                                            log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)

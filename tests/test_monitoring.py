@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from schemas.results import Status
 from schemas.settings import Settings
 from tests.fixtures.event_bodies import minio_webhook
 from tests.fixtures.services import REPO, free_port, worker_env
+from tests.test_api import serve
 from tests.test_worker_e2e import upload_images
 from worker.metrics import DeviceMemoryCollector
 
@@ -73,9 +75,10 @@ def _value(port: int, expr: str) -> float:
 
 @pytest.fixture
 def prometheus(tmp_path: Path) -> Iterator[tuple[int, list[int]]]:
-    """A Prometheus scraping two ports every half second (the worker's and the consumer's)."""
+    """A Prometheus scraping three ports every half second: a worker's, an event consumer's and
+    the API's."""
     binary = _needs("prometheus")
-    port, targets = free_port(), [free_port(), free_port()]
+    port, targets = free_port(), [free_port(), free_port(), free_port()]
     config = tmp_path / "prometheus.yml"
     config.write_text(yaml.safe_dump({
         "global": {"scrape_interval": "500ms", "evaluation_interval": "500ms"},
@@ -84,7 +87,9 @@ def prometheus(tmp_path: Path) -> Iterator[tuple[int, list[int]]]:
             {"job_name": "dualstream-worker",
              "static_configs": [{"targets": [f"127.0.0.1:{targets[0]}"]}]},
             {"job_name": "dualstream-events",
-             "static_configs": [{"targets": [f"127.0.0.1:{targets[1]}"]}]}]}))
+             "static_configs": [{"targets": [f"127.0.0.1:{targets[1]}"]}]},
+            {"job_name": "dualstream-api",
+             "static_configs": [{"targets": [f"127.0.0.1:{targets[2]}"]}]}]}))
     process = subprocess.Popen(
         [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
          f"--web.listen-address=127.0.0.1:{port}"],
@@ -117,7 +122,7 @@ def test_promtool_accepts_the_rules_and_the_prometheus_rule_matches_them() -> No
 def test_prometheus_reads_a_worker_and_an_event_consumer_and_every_query_evaluates(
         prometheus: tuple[int, list[int]], start_worker: Any, redis_url: str,
         s3_endpoint: str, s3: Any, bucket: str, tiny_model_dirs: dict[str, str]) -> None:
-    port, (worker_port, events_port) = prometheus
+    port, (worker_port, events_port, api_port) = prometheus
     model = tiny_model_dirs["openclip"]
     upload_images(s3, bucket, 2)
     start_worker(redis_url=redis_url, s3_endpoint_url=s3_endpoint, model=model,
@@ -128,7 +133,10 @@ def test_prometheus_reads_a_worker_and_an_event_consumer_and_every_query_evaluat
          str(consumer_port), "--token", "t0ken", "--model", model],
         env={**worker_env(redis_url=redis_url, metrics_port=events_port)}, cwd=REPO,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    api = serve(Settings(redis_url=redis_url, api_token="t0ken"), api_port)
+    base = next(api)
     try:
+        assert _get(base, "/v1/models", "t0ken") == 200 and _get(base, "/v1/models", None) == 401
         client = Client(Settings(redis_url=redis_url, model=model))
         jobs = [Job(task=Task.IMAGE_EMBEDDING, image=f"s3://{bucket}/photos/{name}", model=model)
                 for name in ("img000.jpg", "img001.jpg", "missing.jpg")]
@@ -138,7 +146,8 @@ def test_prometheus_reads_a_worker_and_an_event_consumer_and_every_query_evaluat
 
         deadline = time.monotonic() + 60
         while (_value(port, 'dualstream_jobs_total{outcome="done"}') < 2
-               or _value(port, 'dualstream_events_total{outcome="enqueued"}') < 1):
+               or _value(port, 'dualstream_events_total{outcome="enqueued"}') < 1
+               or _value(port, 'dualstream_api_requests_total{status="401"}') < 1):
             assert time.monotonic() < deadline, "Prometheus never scraped the counts"
             time.sleep(0.5)
         assert _value(port, 'dualstream_jobs_total{outcome="failed",code="source_not_found"}') == 1
@@ -153,6 +162,17 @@ def test_prometheus_reads_a_worker_and_an_event_consumer_and_every_query_evaluat
     finally:
         consumer.terminate()
         consumer.wait(30)
+        next(api, None)
+
+
+def _get(base: str, path: str, token: str | None) -> int:
+    request = urllib.request.Request(f"{base}{path}",
+                                     headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code
 
 
 def _post_event(port: int, event: dict[str, Any]) -> None:
