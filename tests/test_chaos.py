@@ -33,9 +33,10 @@ import pytest
 import redis
 
 from control.deadletters import DeadLetterStore
-from producer.client import Client
+from producer.client import Client, ResultTimeout
 from schemas.jobs import Job, Task
 from schemas.keys import RedisKeys, ShardPaths, queue_name
+from schemas.records import record_status
 from schemas.results import JobResult, Status
 from schemas.settings import Settings
 from tests.fixtures.faults import (
@@ -189,6 +190,25 @@ def differs(result: JobResult, row: dict[str, Any]) -> bool:
     return result.output.row != row["row"] or labels != row["labels"]
 
 
+def stuck(client: Client, ids: list[str], redis_url: str, logs: Path) -> dict[str, Any]:
+    """Where unfinished jobs stand, for a failure to say why: their records, the queue, what
+    consumers hold, the dead letters, and the worker log lines that name them."""
+    broker = redis.Redis.from_url(redis_url)
+    unfinished = [(job_id, raw) for job_id, raw in zip(ids, client.results.records(ids),
+                                                      strict=True)
+                  if record_status(raw) is not Status.DONE]
+    held = {key.decode(): broker.llen(key) for key in broker.scan_iter("ds:inflight|*")}
+    lines = [line.strip()[:300] for log in logs.rglob("*.log")
+             for line in log.read_text(errors="replace").splitlines()
+             if any(job_id in line for job_id, _ in unfinished[:3])]
+    return {"jobs": [(job_id, raw[:40].hex() if raw else None) for job_id, raw in unfinished],
+            "statuses": [str(s) for s in client.results.statuses([j for j, _ in unfinished])],
+            "queued": broker.llen(queue_name(client.settings.model or "")), "held": held,
+            "dead_letters": broker.hlen("ds:dlq"),
+            "deliveries": [k.decode() for k in broker.scan_iter("ds:deliveries:*")][:20],
+            "log_lines": lines[-40:]}
+
+
 def test_chaos_kills_503s_and_a_redis_restart_lose_and_duplicate_nothing(
         owned_redis: Any, s3_endpoint: str, s3: Any, bucket: str,
         tiny_model_dirs: dict[str, str], tmp_path: Path) -> None:
@@ -221,7 +241,11 @@ def test_chaos_kills_503s_and_a_redis_restart_lose_and_duplicate_nothing(
         chaos.start()
         chaos.finish()
         statuses = wait_through_outages(client, ids, timeout=300)
-        results = client.wait(ids, timeout=60)
+        try:
+            results = client.wait(ids, timeout=60)
+        except ResultTimeout:
+            print("chaos: unfinished jobs:", json.dumps(stuck(client, ids, server.url, tmp_path)))
+            raise
     finally:
         chaos.stop_all()
         proxy.stop()
