@@ -332,10 +332,14 @@ def status(ref: str, follow: bool | None) -> None:
         if not follow:
             click.echo(json.dumps(_run_summary(progress)))
             return
-        if not progress.finished:
-            progress = _follow(client, ref, sys.stdout)
-        click.echo(f"run {ref}: {progress.done} done, "
-                   + (_failures(progress).split(": ", 1)[1] if progress.failed else "none failed"))
+        try:
+            if not progress.finished:
+                progress = _follow(client, ref, sys.stdout)
+        except KeyboardInterrupt:  # stopped watching: the run goes on
+            progress = client.run_progress(ref)
+        state = "finished" if progress.finished else "still running"
+        failed = _failures(progress).split(": ", 1)[1] if progress.failed else "none failed"
+        click.echo(f"run {ref} {state}: {progress.done} done of {progress.queued}; {failed}")
         return
     found = client.status(ref)
     if found is None:

@@ -4,9 +4,11 @@ interrupted); the traceback only with `--debug` or DUALSTREAM_DEBUG=1 (dualstrea
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ import redis
 from producer.bulk import BulkRequest, source_etag
 from producer.client import Client
 from schemas.jobs import Job, Task
-from schemas.keys import queue_name
+from schemas.keys import RedisKeys, queue_name
 from schemas.settings import Settings
 from tests.fixtures.faults import wait_for
 from tests.fixtures.services import REPO, worker_env
@@ -135,3 +137,25 @@ def test_a_local_file_job_names_its_content(redis_url: str, tmp_path: Path) -> N
     assert Job(task=Task.IMAGE_EMBEDDING, image=str(image), model=MODEL,
                etag=source_etag(str(image))).job_id == second
     assert source_etag("s3://bucket/a.jpg") is None
+
+
+def test_status_follows_a_run_from_its_counters_then_sums_it_up(redis_url: str) -> None:
+    run_id = "run-0123456789abcdef"
+    broker = redis.Redis.from_url(redis_url)
+    key = RedisKeys(Settings().key_prefix).run(run_id)
+    broker.hset(key, mapping={"queued": 3, "done": 1, "listed": 1, "pass": 1})
+    follow = subprocess.Popen([sys.executable, "-m", "dualstream.cli", "status", run_id,
+                               "--follow"], env=worker_env(redis_url=redis_url), cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2)
+    assert follow.poll() is None, "it follows the run until it finishes"
+    broker.hset(key, mapping={"done": 2, "failed": 1, "failed:not_an_image": 1})
+    out, err = follow.communicate(timeout=30)
+    assert follow.returncode == 0, err
+    assert "done 2, failed 1" in out and "job/s" in out  # the bar: counts and rate
+    assert out.strip().splitlines()[-1] == (f"run {run_id} finished: 2 done of 3; 1 of 3 jobs "
+                                            "failed (not_an_image 1)")
+    piped = dualstream("status", run_id, redis_url=redis_url)  # not a terminal: one JSON line
+    assert json.loads(piped.stdout) == {"run": run_id, "queued": 3, "done": 2, "failed": 1,
+                                        "failed_by_code": {"not_an_image": 1}, "listed": True,
+                                        "finished": True}
