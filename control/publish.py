@@ -35,12 +35,15 @@ TOKEN_TTL_S = 3600
 # KEYS: the call's token, the run's counters (the token again without a run), one queue per
 # message, then the records of each message's single submissions, message by message.
 # ARGV: jobs to count (-1: no run), cursor ('' for none), token ttl, run and record ttl,
-# resend (1/0), the call's id; then per message its body and how many records it has.
-# A message with records is pushed when one of its jobs is new or failed (now queued), or
-# with resend; a record that says queued, being written or done is never set back.
+# mode (0, 1 resend, 2 force), the call's id; then per message its body and how many records
+# it has. A message with records is pushed when one of its jobs is new or failed (now
+# queued), or with resend or force; a record that says queued, being written or done is
+# never set back, except with force, which sets every record it names back to queued (a
+# worker's reservation takes a queued record: control/results.py).
 _PUBLISH = """
 if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[3]) then return 0 end
-local ttl, resend, mine = ARGV[4], ARGV[5] == '1', 'q' .. ARGV[6]
+local ttl, mine = ARGV[4], 'q' .. ARGV[6]
+local resend, force = ARGV[5] ~= '0', ARGV[5] == '2'
 local messages = (#ARGV - 6) / 2
 local record = 2 + messages
 for m = 1, messages do
@@ -49,7 +52,7 @@ for m = 1, messages do
   for _ = 1, jobs do
     record = record + 1
     local state = string.sub(redis.call('GET', KEYS[record]) or '', 1, 1)
-    if state == '' or state == 'f' then
+    if state == '' or state == 'f' or force then
       redis.call('SET', KEYS[record], mine, 'EX', ttl)
       send = true
     end
@@ -87,14 +90,16 @@ class TaskPublisher:
 
     def publish(self, messages: Sequence[tuple[str, dict[str, Any]]],
                 count: RunCount | None = None, *,
-                records: Sequence[Sequence[str]] | None = None, resend: bool = False) -> None:
+                records: Sequence[Sequence[str]] | None = None, resend: bool = False,
+                force: bool = False) -> None:
         """Send each (queue, job message) as one `dualstream.process` task and add `count`
         to its run, all in one script and one round trip (acknowledged by
         `redis_replicas_to_ack` replicas, where set).
 
         `records`, per message, names single submissions' jobs: each new or failed one gets
         a `queued` record, and a message none of whose jobs is (all queued, being written or
-        done already) is not sent, unless `resend`."""
+        done already) is not sent, unless `resend`. With `force`, every record named goes
+        back to `queued`, done ones included, and every message is sent: the jobs run again."""
         if not messages and count is None:
             return
         call = uuid.uuid4().hex
@@ -105,7 +110,8 @@ class TaskPublisher:
         keys += [self._keys.record(job_id) for ids in job_ids for job_id in ids]
         args: list[str | bytes | int] = [count.queued if count else -1,
                                          (count.cursor or "") if count else "", TOKEN_TTL_S,
-                                         self._run_ttl_s, int(resend), call[:8]]
+                                         self._run_ttl_s, 2 if force else int(resend),
+                                         call[:8]]
         for (queue, argument), ids in zip(messages, job_ids, strict=True):
             args += [self.task_message(queue, argument), len(ids)]
         if not self._replicas:

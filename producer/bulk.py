@@ -8,9 +8,11 @@ out several per message.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 
 from control.objects import S3Location, iter_s3_keys, local_path
 from schemas.jobs import Job, Task, ZeroShotOptions
@@ -57,8 +59,28 @@ def list_sources(source: str, suffixes: Sequence[str], s3: object | None = None,
             yield name
 
 
+def is_local(source: str) -> bool:
+    """Whether a source names a file (a path or `file://`), not an object or a URL."""
+    return source.startswith("file://") or "://" not in source
+
+
+def source_etag(source: str) -> str | None:
+    """A local file's identity, exactly as the worker computes it to check it
+    (worker/sources.py `_read_local`): its mtime in nanoseconds and its size, in hex. It is
+    part of the job (and so of its id): a file changed in place is a new job, and a job whose
+    file changed since fails with `source_changed`. None for other sources, and for a file
+    this machine cannot see (the worker then reads whatever the path holds)."""
+    if not is_local(source):
+        return None
+    try:
+        stat = os.stat(local_path(source))
+    except (OSError, ValueError):
+        return None
+    return f"{stat.st_mtime_ns:x}-{stat.st_size:x}" if S_ISREG(stat.st_mode) else None
+
+
 def jobs_for(request: BulkRequest, sources: Iterator[str]) -> Iterator[Job]:
     task = Task.ZERO_SHOT if request.zero_shot else Task.IMAGE_EMBEDDING
     for source in sources:
         yield Job(task=task, image=source, model=request.model, zero_shot=request.zero_shot,
-                  return_embedding=request.return_embedding)
+                  return_embedding=request.return_embedding, etag=source_etag(source))

@@ -4,49 +4,90 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import click
 from pydantic import BaseModel, ValidationError
 from tqdm import tqdm
 
-from producer.bulk import IMAGE_SUFFIXES, BulkRequest, jobs_for, list_sources
-from producer.client import Client
+from control.objects import local_path
+from producer.bulk import IMAGE_SUFFIXES, BulkRequest, jobs_for, list_sources, source_etag
+from producer.client import Client, ResultTimeout
 from schemas.jobs import Job, JobMessage, Task, ZeroShotOptions
 from schemas.records import embedding_b64
 from schemas.results import JobResult, RunProgress
 from schemas.settings import Settings
 
 
-def _client(model: str | None = None) -> Client:
+class UserError(click.ClickException):
+    """A mistake the user can fix: told in one line, with what to do about it
+    (dualstream/cli.py prints it), and a non-zero exit status."""
+
+    def __init__(self, message: str, hint: str | None = None, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.hint = hint
+        self.exit_code = exit_code  # type: ignore[misc]  # Click's is a class default
+
+
+USAGE = 2  # the exit status of a usage error, as Click's own
+INTERRUPTED = 130
+
+
+def _client(model: str | None = None, *, needs_model: bool = False) -> Client:
     settings = Settings()
     if model:
         settings = settings.model_copy(update={"model": model})
-    return Client(settings)
+    if needs_model and not settings.model:
+        raise UserError("no model given", "pass --model or set DUALSTREAM_MODEL", USAGE)
+    client = Client(settings)
+    client.check_connection()  # a wrong address or password: one line now, not a minute on
+    return client
+
+
+# What each zero-shot field is called on the command line, and what it takes.
+_OPTION_HINTS = {
+    "labels": ("--labels", "comma-separated names, none blank, e.g. --labels 'cat,dog'"),
+    "templates": ("--templates", "each template holds one {} where the label goes, e.g. "
+                  "--templates 'a photo of {}.|a drawing of {}.'"),
+    "top_k": ("--top-k", "1 or more"),
+    "threshold": ("--threshold", "a score between 0 and 1"),
+}
 
 
 def _zero_shot(labels: str | None, templates: str, top_k: int,
                threshold: float | None, multi_label: bool) -> ZeroShotOptions | None:
-    if not labels:
+    if labels is None:
+        if templates != "default" or threshold is not None or multi_label:
+            raise UserError("--templates, --threshold and --multi-label need --labels",
+                            "add --labels 'cat,dog'", USAGE)
         return None
     names = ("default", "openai_imagenet", "simple_imagenet")
     chosen = templates if templates in names else templates.split("|")
-    return ZeroShotOptions.model_validate({
-        "labels": [x.strip() for x in labels.split(",")], "templates": chosen, "top_k": top_k,
-        "threshold": threshold, "multi_label": multi_label})
+    try:
+        return ZeroShotOptions.model_validate({
+            "labels": [x.strip() for x in labels.split(",")], "templates": chosen,
+            "top_k": top_k, "threshold": threshold, "multi_label": multi_label})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = str(error["loc"][0]) if error["loc"] else ""
+        option, hint = _OPTION_HINTS.get(field, ("zero-shot options", None))
+        raise UserError(f"{option}: {error['msg'].removeprefix('Value error, ')}", hint,
+                        USAGE) from None
 
 
 zero_shot_options = [
     click.option("--labels", help="comma-separated candidate labels (zero-shot)"),
     click.option("--templates", default="default",
                  help="'default', 'openai_imagenet', 'simple_imagenet' or templates joined by |"),
-    click.option("--top-k", default=5, show_default=True),
-    click.option("--threshold", type=float, default=None),
+    click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1)),
+    click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None,
+                 help="keep labels scoring at least this (0 to 1)"),
     click.option("--multi-label", is_flag=True),
 ]
 
@@ -57,26 +98,64 @@ def with_zero_shot(func: Any) -> Any:
     return func
 
 
+def _image_source(image: str) -> tuple[str, str | None]:
+    """The job's source and etag: a relative local path made absolute (a worker has its own
+    working directory), and a local file's identity (producer/bulk.py `source_etag`)."""
+    if "://" not in image and not os.path.isabs(image):
+        image = os.path.abspath(image)
+    return image, source_etag(image)
+
+
 @click.command()
 @click.option("--model", default=None, help="model spec (default: DUALSTREAM_MODEL)")
 @click.option("--image", default=None, help="s3://bucket/key, or a file in local mode")
 @click.option("--text", default=None)
 @with_zero_shot
-@click.option("--wait", type=float, default=None, help="wait this many seconds for the result")
+@click.option("--wait", type=click.FloatRange(min=0), default=None,
+              help="wait this many seconds for the result; exit status 1 if it failed")
+@click.option("--force", is_flag=True, help="run the job again even if it is done")
 def submit(model: str | None, image: str | None, text: str | None, labels: str | None,
            templates: str, top_k: int, threshold: float | None, multi_label: bool,
-           wait: float | None) -> None:
-    """Submit one image or text job; prints its job id (or its result with --wait)."""
-    client = _client(model)
+           wait: float | None, force: bool) -> None:
+    """Submit one image or text job; prints its job id (or its result with --wait).
+
+    A job that failed before runs again when submitted again; one that is done is not,
+    unless --force."""
+    if (image is None) == (text is None):
+        raise UserError("give one of --image and --text",
+                        "--image s3://bucket/key (or a file in local mode), or --text 'words'",
+                        USAGE)
+    if text is not None and labels is not None:
+        raise UserError("--labels scores an image, not a text", "use --image with --labels",
+                        USAGE)
     options = _zero_shot(labels, templates, top_k, threshold, multi_label)
+    client = _client(model, needs_model=True)
+    chosen = client._model(model)
     task = Task.TEXT_EMBEDDING if text is not None else (
         Task.ZERO_SHOT if options else Task.IMAGE_EMBEDDING)
-    job = Job(task=task, model=client._model(model), image=image, text=text, zero_shot=options)
-    job_id = client.submit(job)
+    source, etag = _image_source(image) if image is not None else (None, None)
+    job = Job(task=task, model=chosen, image=source, text=text, zero_shot=options, etag=etag)
+    job_id = client.submit(job, force=force)
     if wait is None:
         click.echo(job_id)
-    else:
-        click.echo(client.result(job_id, timeout=wait).model_dump_json(indent=2))
+        return
+    try:
+        result = client.result(job_id, timeout=wait)
+    except ResultTimeout:
+        raise UserError(f"job {job_id} is not finished after {wait:g} s",
+                        f"`dualstream results {job_id}` reads it later") from None
+    click.echo(_result_json(result))
+    if result.error is not None:
+        raise UserError(f"job {job_id} failed: [{result.error.code}] {result.error.message}",
+                        "fix the cause and submit it again: a failed job runs again")
+
+
+def _result_json(result: JobResult) -> str:
+    """The result as indented JSON, its embedding one array on one line."""
+    text = json.dumps(result.model_dump(mode="json", exclude={"embedding"}), indent=2)
+    if result.embedding is None:
+        return text
+    return text.removesuffix("\n}") + f',\n  "embedding": {json.dumps(result.embedding)}\n}}'
 
 
 @click.command()
@@ -84,58 +163,81 @@ def submit(model: str | None, image: str | None, text: str | None, labels: str |
 @click.option("--model", default=None)
 @with_zero_shot
 @click.option("--suffix", "suffixes", multiple=True, help="only keys ending so (repeatable)")
-@click.option("--per-message", default=32, show_default=True, help="jobs per queue message")
-@click.option("--wait/--no-wait", default=False, help="wait for every job, with a progress bar")
+@click.option("--per-message", default=32, show_default=True, type=click.IntRange(1, 256),
+              help="jobs per queue message")
+@click.option("--wait/--no-wait", default=False,
+              help="wait for every job, with a progress bar; exit status 1 if any failed")
+@click.option("--force", is_flag=True, help="run every job again, those done included")
 def bulk(source: str, model: str | None, labels: str | None, templates: str, top_k: int,
          threshold: float | None, multi_label: bool, suffixes: tuple[str, ...],
-         per_message: int, wait: bool) -> None:
+         per_message: int, wait: bool, force: bool) -> None:
     """Submit every image under s3://bucket/prefix or a local folder.
 
-    The same command is the same run: run again after an interruption, it goes on from where
-    its listing stopped; run again once every job is settled, it lists again and sends what
-    is not done (new objects, and failed jobs to retry)."""
-    client = _client(model)
-    request = BulkRequest(source=source, model=client._model(model),
-                          zero_shot=_zero_shot(labels, templates, top_k, threshold, multi_label),
+    The same command is the same run: run again after an interruption (Ctrl-C), it goes on
+    from where its listing stopped; run again once every job is settled, it lists again and
+    sends what is not done (new or changed files, and failed jobs to retry)."""
+    zero_shot = _zero_shot(labels, templates, top_k, threshold, multi_label)
+    s3_source = source.startswith("s3://")
+    if not s3_source and not local_path(source).is_dir():
+        raise UserError(f"no folder {source}", "give s3://bucket/prefix or a directory", USAGE)
+    client = _client(model, needs_model=True)
+    request = BulkRequest(source=source, model=client._model(model), zero_shot=zero_shot,
                           suffixes=suffixes or IMAGE_SUFFIXES)
-    s3 = None
-    if source.startswith("s3://"):
-        from control.connections import s3_client
-
-        s3 = s3_client(client.settings)
     run = request.run_id
     progress = client.run_progress(run)
-    if progress.listed and not progress.finished:
+    if progress.listed and not progress.finished and not force:
         click.echo(f"run {run}: every job is already queued; {progress.queued - progress.settled}"
                    f" of {progress.queued} still to settle")
     else:
-        owner = f"{socket.gethostname()}-{os.getpid()}"
-        holder = client.runs.lock_holder(run)
-        if holder is not None and _dead_here(holder):
-            client.runs.unlock(run, holder)  # a killed `bulk` on this machine: take over
-        if not client.runs.lock(run, owner, RUN_LOCK_TTL_S):
-            raise click.ClickException(f"another `dualstream bulk` is publishing run {run}; "
-                                       f"wait for it (or up to {RUN_LOCK_TTL_S} s if it died)")
-        try:
-            queued_before = progress.queued
-            resume_after = None
-            if progress.exists and not progress.listed:
-                resume_after = progress.cursor
-                click.echo(f"run {run}: resuming after {resume_after or 'the start'}", err=True)
-            else:
-                client.runs.new_pass(run)
-            sources = list_sources(source, request.suffixes, s3, after=resume_after)
-            jobs = tqdm(_holding(client, run, owner, jobs_for(request, sources)),
-                        desc="submitting", unit="job", file=sys.stderr)
-            ids = client.submit_many(jobs, per_message=per_message, run_id=run)
-            client.runs.listed(run)
-        finally:
-            client.runs.unlock(run, owner)
-        progress = client.run_progress(run)
-        click.echo(f"run {run}: {len(ids)} jobs listed, {progress.queued - queued_before} "
-                   f"newly queued, {progress.queued} in all")
+        _publish(client, request, progress, per_message, force)
     if wait:
         _wait_with_progress(client, run)
+
+
+def _publish(client: Client, request: BulkRequest, progress: RunProgress, per_message: int,
+             force: bool) -> None:
+    run = request.run_id
+    s3 = None
+    if request.source.startswith("s3://"):
+        from control.connections import s3_client
+
+        s3 = s3_client(client.settings)
+    owner = f"{socket.gethostname()}-{os.getpid()}"
+    holder = client.runs.lock_holder(run)
+    if holder is not None and _dead_here(holder):
+        client.runs.unlock(run, holder)  # a killed `bulk` on this machine: take over
+    if not client.runs.lock(run, owner, RUN_LOCK_TTL_S):
+        raise UserError(f"another `dualstream bulk` is publishing run {run}",
+                        f"wait for it (or up to {RUN_LOCK_TTL_S} s if it died)")
+    click.echo(f"run {run}: publishing {request.source} (interrupted, the same command "
+               "resumes it)")
+    try:
+        queued_before = progress.queued
+        resume_after = None
+        if progress.exists and not progress.listed:
+            resume_after = progress.cursor
+            click.echo(f"run {run}: resuming after {resume_after or 'the start'}", err=True)
+        else:
+            client.runs.new_pass(run)
+        sources = list_sources(request.source, request.suffixes, s3, after=resume_after)
+        jobs = tqdm(_holding(client, run, owner, jobs_for(request, sources)),
+                    desc="submitting", unit="job", file=sys.stderr)
+        ids = client.submit_many(jobs, per_message=per_message, run_id=run, force=force)
+        client.runs.listed(run)
+    except KeyboardInterrupt:
+        queued = client.run_progress(run).queued
+        raise UserError(f"interrupted: run {run} has {queued} jobs queued",
+                        f"run the same command again to resume it: {_same_command()}",
+                        INTERRUPTED) from None
+    finally:
+        client.runs.unlock(run, owner)
+    progress = client.run_progress(run)
+    click.echo(f"run {run}: {len(ids)} jobs listed, {progress.queued - queued_before} "
+               f"newly queued, {progress.queued} in all")
+
+
+def _same_command() -> str:
+    return shlex.join(["dualstream", *sys.argv[1:]])
 
 
 RUN_LOCK_TTL_S = 30
@@ -161,19 +263,44 @@ def _holding(client: Client, run: str, owner: str, jobs: Iterator[Job]) -> Itera
     for job in jobs:
         if time.monotonic() - renewed > RUN_LOCK_TTL_S / 3:
             if not client.runs.lock(run, owner, RUN_LOCK_TTL_S):
-                raise click.ClickException(f"lost the lock of run {run} to another producer")
+                raise UserError(f"lost the lock of run {run} to another producer")
             renewed = time.monotonic()
         yield job
 
 
-def _wait_with_progress(client: Client, run_id: str) -> None:
-    with tqdm(desc="processing", unit="job", file=sys.stderr) as bar:
+def _follow(client: Client, run_id: str, file: TextIO) -> RunProgress:
+    """Wait for a run with a progress bar: settled of queued, done and failed, rate and ETA,
+    from the run's counters (one read a poll, however many jobs it has)."""
+    first = client.run_progress(run_id)
+    with tqdm(desc=run_id, unit="job", file=file, total=first.queued,
+              initial=first.settled) as bar:
         def show(progress: RunProgress) -> None:
             bar.total = progress.queued
+            bar.set_postfix_str(f"done {progress.done}, failed {progress.failed}"
+                                + ("" if progress.listed else ", still listing"),
+                                refresh=False)
             bar.update(progress.settled - bar.n)
 
-        progress = client.wait_run(run_id, on_progress=show)
+        return client.wait_run(run_id, on_progress=show)
+
+
+def _wait_with_progress(client: Client, run_id: str) -> None:
+    try:
+        progress = _follow(client, run_id, sys.stderr)
+    except KeyboardInterrupt:
+        raise UserError(f"stopped waiting; run {run_id} goes on",
+                        f"`dualstream status {run_id}` follows it", INTERRUPTED) from None
     click.echo(json.dumps(_run_summary(progress)))
+    if progress.failed:
+        raise UserError(_failures(progress), f"`dualstream results {run_id}` lists them; run "
+                        "the same command again to retry them once fixed")
+
+
+def _failures(progress: RunProgress) -> str:
+    codes = ", ".join(f"{code} {count}" for code, count
+                      in sorted(progress.failed_by_code.items(), key=lambda c: -c[1]))
+    return (f"run {progress.run_id}: {progress.failed} of {progress.queued} jobs failed"
+            + (f" ({codes})" if codes else ""))
 
 
 def _run_summary(progress: RunProgress) -> dict[str, Any]:
@@ -182,19 +309,43 @@ def _run_summary(progress: RunProgress) -> dict[str, Any]:
             "listed": progress.listed, "finished": progress.finished}
 
 
+def _run(client: Client, run_id: str) -> RunProgress:
+    progress = client.run_progress(run_id)
+    if not progress.exists:
+        raise UserError(f"no run {run_id}", "`dualstream bulk` prints its run's id; runs are "
+                        "kept for DUALSTREAM_RESULT_TTL_S (7 days)")
+    return progress
+
+
 @click.command()
 @click.argument("ref")
-def status(ref: str) -> None:
-    """Status of a job id, or a run's counters for a run id."""
+@click.option("--follow/--no-follow", default=None,
+              help="for a run: a live progress bar until it finishes, then a summary "
+              "(default: when stdout is a terminal; otherwise one JSON line)")
+def status(ref: str, follow: bool | None) -> None:
+    """Status of a job id (exit status 1 if unknown), or a run's counters for a run id."""
     client = _client()
     if ref.startswith("run-"):
-        progress = client.run_progress(ref)
-        if not progress.exists:
-            raise click.ClickException(f"no run {ref}")
-        click.echo(json.dumps(_run_summary(progress)))
+        progress = _run(client, ref)
+        if follow is None:
+            follow = sys.stdout.isatty()
+        if not follow:
+            click.echo(json.dumps(_run_summary(progress)))
+            return
+        try:
+            if not progress.finished:
+                progress = _follow(client, ref, sys.stdout)
+        except KeyboardInterrupt:  # stopped watching: the run goes on
+            progress = client.run_progress(ref)
+        state = "finished" if progress.finished else "still running"
+        failed = _failures(progress).split(": ", 1)[1] if progress.failed else "none failed"
+        click.echo(f"run {ref} {state}: {progress.done} done of {progress.queued}; {failed}")
         return
     found = client.status(ref)
-    click.echo(found.value if found else "unknown")
+    if found is None:
+        raise UserError(f"no job {ref}", "check the id; a bulk job has no record until it "
+                        "settles, and records are kept for DUALSTREAM_RESULT_TTL_S (7 days)")
+    click.echo(found.value)
 
 
 @click.command()
@@ -206,9 +357,7 @@ def results(ref: str, embeddings: bool) -> None:
     rows are in the output store's shards)."""
     client = _client()
     if ref.startswith("run-"):
-        progress = client.run_progress(ref)
-        if not progress.exists:
-            raise click.ClickException(f"no run {ref}")
+        progress = _run(client, ref)
         click.echo(json.dumps(_run_summary(progress)))
         for job_id, code, source in client.runs.failures(ref):
             click.echo(json.dumps({"job_id": job_id, "status": "failed", "code": code,
@@ -216,7 +365,8 @@ def results(ref: str, embeddings: bool) -> None:
         return
     result = client.results.get(ref)
     if result is None:
-        raise click.ClickException(f"no result for {ref}")
+        raise UserError(f"no result for {ref}", "check the id; a bulk job has no record until "
+                        "it settles, and records are kept for DUALSTREAM_RESULT_TTL_S (7 days)")
     click.echo(_result_line(result, embeddings))
 
 

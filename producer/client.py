@@ -18,6 +18,7 @@ from control.broker import producer_app
 from control.connections import redis_client
 from control.publish import RunCount, TaskPublisher
 from control.results import ResultStore, RunStore
+from producer.bulk import source_etag
 from schemas.jobs import MAX_JOBS_PER_MESSAGE, Job, Task, ZeroShotOptions, pack_message
 from schemas.keys import RedisKeys, queue_name
 from schemas.records import record_status, run_tag
@@ -51,6 +52,15 @@ class Client:
         self.runs = RunStore(self.redis, self.keys, settings.result_ttl_s)
         self.publisher = TaskPublisher(self.redis, settings)
 
+    def check_connection(self) -> None:
+        """One PING without the long retries: a wrong address or password fails at once
+        (`redis.ConnectionError`, `redis.AuthenticationError`)."""
+        quick = redis_client(self.settings, retries=1, timeout_s=5)
+        try:
+            quick.ping()
+        finally:
+            quick.close()
+
     # Building jobs -------------------------------------------------------------------------
     def _model(self, model: str | None) -> str:
         chosen = model or self.settings.model
@@ -59,6 +69,8 @@ class Client:
         return chosen
 
     def embed_image(self, image: str, *, model: str | None = None, **options: object) -> str:
+        """A local file's job names its content too (`etag`), so an edited file is a new job."""
+        options.setdefault("etag", source_etag(image))
         return self.submit(Job(task=Task.IMAGE_EMBEDDING, image=image, model=self._model(model),
                                **options))  # type: ignore[arg-type]
 
@@ -72,72 +84,83 @@ class Client:
         options = ZeroShotOptions(labels=list(labels), templates=templates,  # type: ignore[arg-type]
                                   top_k=top_k, threshold=threshold, multi_label=multi_label)
         return self.submit(Job(task=Task.ZERO_SHOT, image=image, model=self._model(model),
-                               zero_shot=options))
+                               zero_shot=options, etag=source_etag(image)))
 
     # Submitting ----------------------------------------------------------------------------
-    def submit(self, job: Job) -> str:
-        return self.submit_many([job])[0]
+    def submit(self, job: Job, *, force: bool = False) -> str:
+        """Enqueue one job; one already done is not run again, unless `force`. A job that
+        failed is run again, and `result` waits for its new outcome."""
+        return self.submit_many([job], force=force)[0]
 
     def submit_many(self, jobs: Iterable[Job], *, per_message: int = 32,
                     run_id: str | None = None, skip_done: bool = True,
-                    count_in_run: bool = True) -> list[str]:
+                    count_in_run: bool = True, force: bool = False) -> list[str]:
         """Enqueue jobs, several per message; returns every job's id.
 
         Without a run, each job gets a `queued` record, and one already queued, being
         written or done (same id) is not sent again, unless `skip_done=False`. Under a run,
         jobs get no record until they settle: those done or in progress are skipped, and the
         run counts what was sent (`run_progress`), unless `count_in_run` is False (jobs it
-        counted before, replayed from the dead-letter store). Jobs go out `MESSAGES_PER_TRIP`
-        messages at a time, in one round trip (and one more to check a run's jobs first)."""
+        counted before, replayed from the dead-letter store). With `force`, every job is sent
+        and those done (or being written) are set back to queued, so that a worker computes
+        them again. Jobs go out `MESSAGES_PER_TRIP` messages at a time, in one round trip
+        (and one more to check a run's jobs first)."""
         per_message = max(1, min(per_message, MAX_JOBS_PER_MESSAGE))
         ids: list[str] = []
         for group in _chunks(jobs, per_message * MESSAGES_PER_TRIP):
-            ids += self._send_group(group, per_message, run_id, skip_done, count_in_run)
+            ids += self._send_group(group, per_message, run_id, skip_done, count_in_run, force)
         return ids
 
     def _send_group(self, group: list[Job], per_message: int, run_id: str | None,
-                    skip_done: bool, count_in_run: bool) -> list[str]:
+                    skip_done: bool, count_in_run: bool, force: bool) -> list[str]:
         ids = [job.job_id for job in group]
         if run_id is None:
             # The publish script itself queues their records and skips what is not new.
-            send, new = [True] * len(ids), [False] * len(ids)
+            send, new, reset = [True] * len(ids), [False] * len(ids), [True] * len(ids)
         else:
-            send, new = self._run_choice(ids, run_id, skip_done)
+            send, new, reset = self._run_choice(ids, run_id, skip_done, force)
         messages: list[tuple[str, dict[str, Any]]] = []
         records: list[list[str]] = []
         for start in range(0, len(group), per_message):
-            chunk = [job for job, chosen in zip(group[start:start + per_message],
-                                                send[start:start + per_message], strict=True)
-                     if chosen]
-            by_model: dict[str, list[Job]] = {}
-            for job in chunk:
-                by_model.setdefault(job.model, []).append(job)
-            for model, model_jobs in by_model.items():
-                messages.append((queue_name(model), pack_message(model_jobs, run_id)))
-                records.append([job.job_id for job in model_jobs] if run_id is None else [])
+            window = slice(start, start + per_message)
+            chunk = [(job, again) for job, chosen, again
+                     in zip(group[window], send[window], reset[window], strict=True) if chosen]
+            by_model: dict[str, list[tuple[Job, bool]]] = {}
+            for job, again in chunk:
+                by_model.setdefault(job.model, []).append((job, again))
+            for model, pairs in by_model.items():
+                messages.append((queue_name(model),
+                                 pack_message([job for job, _ in pairs], run_id)))
+                records.append([job.job_id for job, again in pairs if again])
         count = (RunCount(run_id, sum(new), cursor=group[-1].source)
                  if run_id is not None and count_in_run else None)
         # One script: the pushes and the run's count and cursor (or the single submissions'
         # records) land together or not at all, so a producer killed here sends the whole
         # batch again on resuming, counted once.
-        self.publisher.publish(messages, count, records=records, resend=not skip_done)
+        self.publisher.publish(messages, count, records=records, resend=not skip_done,
+                               force=force)
         return ids
 
-    def _run_choice(self, ids: list[str], run_id: str,
-                    skip_done: bool) -> tuple[list[bool], list[bool]]:
-        """Per job of a run: send it, and count it as newly queued? A job done or in progress
-        is skipped; one that failed is sent again, and counted only if another run failed it
-        (this run counted it already: queued, then failed)."""
-        if not skip_done:
-            return [True] * len(ids), [True] * len(ids)
+    def _run_choice(self, ids: list[str], run_id: str, skip_done: bool,
+                    force: bool) -> tuple[list[bool], list[bool], list[bool]]:
+        """Per job of a run: send it, count it as newly queued, set its record back to
+        queued? A job done or in progress is skipped; one that failed is sent again, and
+        counted only if another run failed it (this run counted it already: queued, then
+        failed). With `force`, every job is sent, and one done or being written is counted
+        again and its record set back to queued (a failed one keeps its record, which the
+        worker's reservation moves from the run's failed count)."""
+        if not skip_done and not force:
+            return [True] * len(ids), [True] * len(ids), [False] * len(ids)
         tag = run_tag(run_id)
-        send, new = [], []
+        send, new, reset = [], [], []
         for raw in self.results.records(ids):
             status = record_status(raw)
             retry_ours = status is Status.FAILED and raw is not None and raw[1:4] == tag
-            send.append(status in (None, Status.FAILED))
-            new.append(status is None or (status is Status.FAILED and not retry_ours))
-        return send, new
+            send.append(force or status in (None, Status.FAILED))
+            new.append(not retry_ours if force else
+                       status is None or (status is Status.FAILED and not retry_ours))
+            reset.append(force and status is Status.DONE)
+        return send, new, reset
 
     # Results -------------------------------------------------------------------------------
     def status(self, job_id: str) -> Status | None:

@@ -28,3 +28,7 @@ def test_the_demo_prints_labels_for_every_sample_image(tmp_path: Path) -> None:
     for line in lines:
         assert line.split()[1] in labels, line
     assert list((tmp_path / "demo" / "out").rglob("*.npy"))
+    # stdout is the results and nothing else: the worker's banner and logs go to its log
+    assert run.stdout.splitlines() == [*lines, run.stdout.splitlines()[-1]]
+    assert run.stdout.splitlines()[-1].startswith(f"{len(SAMPLE_COLOURS)} images in ")
+    assert (tmp_path / "demo" / "worker.log").stat().st_size > 0

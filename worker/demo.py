@@ -2,7 +2,8 @@
 
 A private redis-server (unless DUALSTREAM_REDIS_URL is set), a local folder as object store, a
 tiny model from the factory (unless --model is given), sample images, a real worker process,
-a bulk run over the folder, and the labels printed at the end.
+the folder's images submitted, and the labels printed at the end: stdout holds only the
+results; the worker's banner and logs go to `<workdir>/worker.log`.
 """
 
 from __future__ import annotations
@@ -48,9 +49,11 @@ def make_sample_images(folder: Path) -> list[Path]:
 
 
 @contextmanager
-def worker_process(env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
-    process = subprocess.Popen([sys.executable, "-m", "dualstream.cli", "worker",
-                                "--loglevel", "WARNING"], env=env)
+def worker_process(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("ab") as handle:
+        process = subprocess.Popen([sys.executable, "-m", "dualstream.cli", "worker",
+                                    "--loglevel", "WARNING"], env=env, stdout=handle,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         yield process
     finally:
@@ -63,10 +66,12 @@ def worker_process(env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
 
 def run_demo(workdir: Path, model: str | None, labels: list[str], images: Path | None) -> None:
     workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
     if model is None:
         from worker.models.tiny import build_tiny_model
 
-        click.echo("building a tiny OpenCLIP model (random weights: labels are arbitrary)")
+        click.echo("building a tiny OpenCLIP model (random weights: labels are arbitrary)",
+                   err=True)
         model = build_tiny_model("openclip", workdir / "tiny-openclip")
     folder = images.resolve() if images else workdir / "images"
     if images is None:
@@ -83,10 +88,14 @@ def run_demo(workdir: Path, model: str | None, labels: list[str], images: Path |
         client = Client(settings)
         request = BulkRequest(source=str(folder), model=model,
                               zero_shot=ZeroShotOptions(labels=labels, top_k=3))
-        with worker_process(env):
+        log = workdir / "worker.log"
+        click.echo(f"starting a worker (its log: {log})", err=True)
+        with worker_process(env, log):
             start = time.monotonic()
             jobs = list(jobs_for(request, list_sources(str(folder), request.suffixes)))
-            ids = client.submit_many(jobs, run_id=request.run_id)
+            # Single submissions: a job that failed before (an image since fixed) runs
+            # again, and the wait is for its new outcome.
+            ids = client.submit_many(jobs)
             results = client.wait(ids, timeout=300)
             elapsed = time.monotonic() - start
         for job, result in zip(jobs, results, strict=True):

@@ -14,13 +14,19 @@ from pathlib import Path
 from stat import S_ISDIR, S_ISREG
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from control.connections import s3_client
 from control.objects import S3Location, local_path, s3_error
 from schemas.errors import ErrorCode, SourceError, TransientError
 from schemas.settings import Settings
 from worker import http_source
+
+_NO_LOCAL_ROOT = ("local files are read only in local mode: set DUALSTREAM_LOCAL_ROOT on the "
+                  "worker to a directory the files lie under")
+_NO_CREDENTIALS = ("no AWS credentials: give the worker AWS_ACCESS_KEY_ID and "
+                   "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or a role (IRSA: AWS_ROLE_ARN and "
+                   "AWS_WEB_IDENTITY_TOKEN_FILE)")
 
 # S3's answers to a conditional or versioned read that name no such content.
 _CHANGED = {"PreconditionFailed", "412"}
@@ -58,7 +64,8 @@ class SourceReader:
 
     def read(self, uri: str, *, version: str | None = None, etag: str | None = None) -> Blob:
         """The source's bytes; for S3, exactly `version` when given, and only if its ETag is
-        still `etag` when given (else `source_changed`: the job named other content)."""
+        still `etag` when given (else `source_changed`: the job named other content); for a
+        local file, only if its identity (mtime and size) is still `etag` when given."""
         if uri.startswith("s3://"):
             return self._read_s3(S3Location.parse(uri), version, etag)
         if version is not None:
@@ -67,8 +74,8 @@ class SourceReader:
         if uri.startswith(("http://", "https://")) and self._http is not None:
             data, etag = http_source.fetch(uri, self._http)
             return Blob(data, etag)
-        if uri.startswith("file://") or (self._root is not None and "://" not in uri):
-            return self._read_local(uri)
+        if uri.startswith("file://") or "://" not in uri:
+            return self._read_local(uri, etag)
         raise SourceError(
             f"source {uri!r} is not allowed: use s3://bucket/key"
             + (" or a file under the local root" if self._root else ""),
@@ -98,6 +105,9 @@ class SourceReader:
                 raise SourceError(f"{what} does not exist ({_error_code(exc)})",
                                   code=ErrorCode.SOURCE_NOT_FOUND) from exc
             raise s3_error(exc, what) from exc
+        except NoCredentialsError as exc:  # retrying cannot help: the worker lacks them
+            raise SourceError(f"{_NO_CREDENTIALS}, to read {what}",
+                              code=ErrorCode.ACCESS_DENIED) from exc
         except BotoCoreError as exc:
             raise TransientError(f"S3 unreachable reading {what}: {exc}") from exc
         body = response["Body"]
@@ -110,14 +120,13 @@ class SourceReader:
             body.close()
         return Blob(data, str(response.get("ETag", "")).strip('"') or None)
 
-    def _read_local(self, uri: str) -> Blob:
+    def _read_local(self, uri: str, etag: str | None) -> Blob:
         if self._root is None:
-            raise SourceError("local files are not allowed outside local mode",
-                              code=ErrorCode.SOURCE_NOT_ALLOWED)
+            raise SourceError(f"{uri}: {_NO_LOCAL_ROOT}", code=ErrorCode.SOURCE_NOT_ALLOWED)
         path = local_path(uri).resolve()
         if not path.is_relative_to(self._root):
-            raise SourceError(f"{path} lies outside the local root {self._root}",
-                              code=ErrorCode.SOURCE_NOT_ALLOWED)
+            raise SourceError(f"{path} lies outside the local root {self._root} "
+                              "(DUALSTREAM_LOCAL_ROOT)", code=ErrorCode.SOURCE_NOT_ALLOWED)
         limit = self._settings.max_image_bytes
         try:
             # One open and one fstat (each blocking call gives up the GIL and must win it
@@ -133,13 +142,14 @@ class SourceReader:
                 kind = "a directory" if S_ISDIR(stat.st_mode) else "not a regular file"
                 raise SourceError(f"{path} is {kind}", code=ErrorCode.SOURCE_NOT_FOUND)
             self._check_size(stat.st_size, str(path))
+            _check_identity(stat, etag, path)
         except BaseException:
             os.close(fd)
             raise
         with os.fdopen(fd, "rb") as handle:
             data = handle.read(limit + 1)  # the file may have grown since the fstat
         self._check_size(len(data), str(path))
-        return Blob(data, f"{stat.st_mtime_ns:x}-{stat.st_size:x}")
+        return Blob(data, local_identity(stat))
 
     def _check_size(self, size: int, what: str) -> None:
         if size > self._settings.max_image_bytes:
@@ -149,3 +159,14 @@ class SourceReader:
             )
 
 
+def local_identity(stat: os.stat_result) -> str:
+    """A local file's identity, the `etag` a producer puts in its job (producer/bulk.py
+    `source_etag`): mtime in nanoseconds and size, in hex."""
+    return f"{stat.st_mtime_ns:x}-{stat.st_size:x}"
+
+
+def _check_identity(stat: os.stat_result, etag: str | None, path: Path) -> None:
+    if etag is not None and local_identity(stat) != etag:
+        raise SourceError(f"{path} changed since the job was made (its identity is "
+                          f"{local_identity(stat)}, the job names {etag}): submit it again",
+                          code=ErrorCode.SOURCE_CHANGED)
