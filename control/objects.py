@@ -46,6 +46,13 @@ def s3_error(exc: ClientError, what: str) -> Exception:
     return TransientError(f"S3 error reading {what}: {code or status}")
 
 
+def local_identity(stat: os.stat_result) -> str:
+    """A local file's identity: its mtime in nanoseconds and its size, in hex. Producers put it
+    in a local job (its `etag`, so part of its id: a file changed in place is a new job), and
+    the worker checks it before reading (`source_changed` when it differs)."""
+    return f"{stat.st_mtime_ns:x}-{stat.st_size:x}"
+
+
 def local_path(uri: str) -> Path:
     return Path(unquote(urlparse(uri).path) if uri.startswith("file://") else uri)
 

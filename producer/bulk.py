@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISREG
 
-from control.objects import S3Location, iter_s3_keys, local_path
+from control.objects import S3Location, iter_s3_keys, local_identity, local_path
 from schemas.jobs import Job, Task, ZeroShotOptions
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
@@ -65,18 +65,16 @@ def is_local(source: str) -> bool:
 
 
 def source_etag(source: str) -> str | None:
-    """A local file's identity, exactly as the worker computes it to check it
-    (worker/sources.py `_read_local`): its mtime in nanoseconds and its size, in hex. It is
-    part of the job (and so of its id): a file changed in place is a new job, and a job whose
-    file changed since fails with `source_changed`. None for other sources, and for a file
-    this machine cannot see (the worker then reads whatever the path holds)."""
+    """A local file's identity (control/objects.py `local_identity`), which the worker checks
+    before reading. None for other sources, and for a file this machine cannot see (the worker
+    then reads whatever the path holds)."""
     if not is_local(source):
         return None
     try:
         stat = os.stat(local_path(source))
     except (OSError, ValueError):
         return None
-    return f"{stat.st_mtime_ns:x}-{stat.st_size:x}" if S_ISREG(stat.st_mode) else None
+    return local_identity(stat) if S_ISREG(stat.st_mode) else None
 
 
 def jobs_for(request: BulkRequest, sources: Iterator[str]) -> Iterator[Job]:

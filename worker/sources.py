@@ -17,7 +17,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from control.connections import s3_client
-from control.objects import S3Location, local_path, s3_error
+from control.objects import S3Location, local_identity, local_path, s3_error
 from schemas.errors import ErrorCode, SourceError, TransientError
 from schemas.settings import Settings
 from worker import http_source
@@ -157,12 +157,6 @@ class SourceReader:
                 f"{what} is {size} bytes, over the limit of {self._settings.max_image_bytes}",
                 code=ErrorCode.SOURCE_TOO_LARGE,
             )
-
-
-def local_identity(stat: os.stat_result) -> str:
-    """A local file's identity, the `etag` a producer puts in its job (producer/bulk.py
-    `source_etag`): mtime in nanoseconds and size, in hex."""
-    return f"{stat.st_mtime_ns:x}-{stat.st_size:x}"
 
 
 def _check_identity(stat: os.stat_result, etag: str | None, path: Path) -> None:
