@@ -84,6 +84,10 @@ class Settings(BaseSettings):
         default=1, ge=1, description="worker processes for the model on this machine, each "
         "with its own interpreter and model copy (sharing the GPU); more than 1: a supervisor "
         "starts them (worker/supervisor.py)")
+    worker_devices: list[str] = Field(
+        default_factory=list, description="one GPU per worker process: process i sees only "
+        "worker_devices[i % len] (its CUDA_VISIBLE_DEVICES), e.g. [\"0\",\"1\",\"2\",\"3\"] "
+        "with worker_processes=4 for four GPUs; empty: every process sees what this one does")
 
     # Sources
     s3_endpoint_url: str | None = None

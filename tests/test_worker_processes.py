@@ -165,6 +165,9 @@ def test_children_share_the_cores_and_keep_the_devices_and_their_own_health_file
     assert env["DUALSTREAM_HEALTH_DIR"] == str(tmp_path / "worker-1")
     assert env["DUALSTREAM_WORKER_PROCESSES"] == "1"
     assert child_env(settings, 0, {}, cores=1)["OMP_NUM_THREADS"] == "1"
+    per_gpu = settings.model_copy(update={"worker_devices": ["2", "3"]})
+    assert [child_env(per_gpu, i, {"CUDA_VISIBLE_DEVICES": "0,1,2,3"})["CUDA_VISIBLE_DEVICES"]
+            for i in range(3)] == ["2", "3", "2"]
     with_metrics = settings.model_copy(update={"metrics_port": 9100})
     assert [child_env(with_metrics, i, {})["DUALSTREAM_METRICS_PORT"] for i in (0, 1)] == [
         "9100", "9101"]

@@ -83,6 +83,9 @@ def child_env(settings: Settings, index: int, environ: Mapping[str, str],
     env = dict(environ)
     env["DUALSTREAM_WORKER_PROCESSES"] = "1"
     env["DUALSTREAM_HEALTH_DIR"] = str(child_directory(Path(settings.health_dir), index))
+    if settings.worker_devices:
+        # One worker per GPU: the child sees only its device, as device 0.
+        env["CUDA_VISIBLE_DEVICES"] = settings.worker_devices[index % len(settings.worker_devices)]
     if settings.metrics_port:
         # One HTTP endpoint per child, on consecutive ports (each serves its own /metrics and
         # probes; `dualstream health` checks every child's files).
