@@ -39,14 +39,19 @@ USAGE = 2  # the exit status of a usage error, as Click's own
 INTERRUPTED = 130
 
 
-def _client(model: str | None = None, *, needs_model: bool = False) -> Client:
+def _client(model: str | None = None, *, needs_model: bool = False,
+            check: bool = True) -> Client:
+    """The producer client; with `check`, Redis is asked once now, so a wrong address or
+    password is one line at once, not a minute of retries (long-running consumers pass
+    check=False: they ride out a Redis that is down when they start)."""
     settings = Settings()
     if model:
         settings = settings.model_copy(update={"model": model})
     if needs_model and not settings.model:
         raise UserError("no model given", "pass --model or set DUALSTREAM_MODEL", USAGE)
     client = Client(settings)
-    client.check_connection()  # a wrong address or password: one line now, not a minute on
+    if check:
+        client.check_connection()
     return client
 
 

@@ -21,7 +21,7 @@ from producer.sns_confirm import SubscriptionConfirmer
 
 def _submitter(model: str | None, labels: str | None, templates: str, top_k: int,
                threshold: float | None, multi_label: bool) -> EventSubmitter:
-    client = _client(model)
+    client = _client(model, check=False)  # a consumer waits out a Redis that is down
     template = EventJobTemplate(model=client._model(model),
                                 zero_shot=_zero_shot(labels, templates, top_k, threshold,
                                                      multi_label))

@@ -145,14 +145,18 @@ def test_prometheus_reads_a_worker_and_an_event_consumer_and_every_query_evaluat
         _post_event(consumer_port, minio_webhook("photos/img000.jpg", bucket=bucket, version=None))
 
         deadline = time.monotonic() + 60
-        while (_value(port, 'dualstream_jobs_total{outcome="done"}') < 2
+        while (_value(port, 'dualstream_jobs_total{job="dualstream-worker",outcome="done"}') < 2
                or _value(port, 'dualstream_events_total{outcome="enqueued"}') < 1
                or _value(port, 'dualstream_api_requests_total{status="401"}') < 1):
             assert time.monotonic() < deadline, "Prometheus never scraped the counts"
             time.sleep(0.5)
-        assert _value(port, 'dualstream_jobs_total{outcome="failed",code="source_not_found"}') == 1
-        assert _value(port, 'dualstream_stage_seconds_count{stage="forward"}') == 2
-        assert _value(port, "dualstream_batch_items_count") >= 1
+        # Each series of the worker's own (the API's /metrics is this test process's registry,
+        # which other tests' in-process pipelines have counted in).
+        worker = 'job="dualstream-worker"'
+        assert _value(port, f'dualstream_jobs_total{{{worker},outcome="failed",'
+                            'code="source_not_found"}') == 1
+        assert _value(port, f'dualstream_stage_seconds_count{{{worker},stage="forward"}}') == 2
+        assert _value(port, f"dualstream_batch_items_count{{{worker}}}") >= 1
 
         names = set(_api(port, "label/__name__/values"))
         for expr in _expressions():
