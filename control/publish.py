@@ -14,9 +14,11 @@ all of it or none, and redis-py sending the script again after a lost reply chan
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +33,9 @@ from schemas.settings import Settings
 _COMPACT = (",", ":")
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 TOKEN_TTL_S = 3600
+# Publishing rides out a minute with no primary to connect to; past that (the client's own
+# retries may have used it up already) the error is raised.
+PUBLISH_RETRY_S = 60.0
 
 # KEYS: the call's token, the run's counters (the token again without a run), one queue per
 # message, then the records of each message's single submissions, message by message.
@@ -114,6 +119,19 @@ class TaskPublisher:
                                          call[:8]]
         for (queue, argument), ids in zip(messages, job_ids, strict=True):
             args += [self.task_message(queue, argument), len(ids)]
+        deadline = time.monotonic() + PUBLISH_RETRY_S
+        for attempt in itertools.count():
+            try:
+                self._send(keys, args)
+                return
+            except (redis.ConnectionError, redis.TimeoutError):
+                # redis-py retries a command, but not the pool's taking of a connection (at
+                # a failover: no primary yet). The call's token makes sending it again safe.
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(min(2.0, 0.1 * 2 ** attempt))
+
+    def _send(self, keys: list[str], args: list[str | bytes | int]) -> None:
         if not self._replicas:
             self._script(keys=keys, args=args)  # EVALSHA: one round trip
             return
