@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +12,12 @@ import numpy as np
 import pytest
 
 from schemas.keys import ShardPaths
-from tests.fixtures.services import REPO, worker_env
+from tests.fixtures.services import dualstream, worker_env
 from tests.test_worker_e2e import committed_manifests, upload_images
 
 pytestmark = pytest.mark.timeout(600)
 FAMILY = "openclip"
 
-
-def dualstream(env: dict[str, str], *args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "dualstream.cli", *args], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
 
 
 def test_an_export_holds_each_committed_row_of_the_run_once_and_search_finds_duplicates(

@@ -4,8 +4,6 @@ running (`dualstream restore`), and `dualstream queue-load` counts it, held then
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ from tests.fixtures.faults import (
     wait_for,
     worker_launcher,
 )
-from tests.fixtures.services import REPO, worker_env
+from tests.fixtures.services import dualstream, worker_env
 from tests.test_worker_e2e import upload_images
 
 pytestmark = pytest.mark.timeout(300)
@@ -33,12 +31,6 @@ _ = worker_launcher  # a fixture
 
 VISIBILITY_TIMEOUT_S = 6
 
-
-def dualstream(env: dict[str, str], *args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "dualstream.cli", *args], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
 
 
 def test_a_killed_workers_messages_are_restored_and_counted_with_no_worker_running(
