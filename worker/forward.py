@@ -130,7 +130,7 @@ class BatchForward:
             self._stack([item])
             return True
         except Exception as exc:  # noqa: BLE001 - this job alone fails
-            self._settle.fail(item, _retryable(exc))
+            self._settle.fail(item, retryable(exc))
             return False
 
     def _with_common_shape(self, items: list[Item]) -> list[Item]:
@@ -162,7 +162,7 @@ class BatchForward:
             return items, [forward(first, first + len(items))]
         except torch.OutOfMemoryError as exc:
             if len(items) == 1:
-                self._settle.fail(items[0], _retryable(exc))
+                self._settle.fail(items[0], retryable(exc))
                 return [], []
             log.warning("out of device memory for a batch of %d; forwarding halves", len(items))
         except Exception:
@@ -181,7 +181,7 @@ class BatchForward:
                 rows.append(forward(row, row + 1))
                 survivors.append(item)
             except Exception as exc:  # noqa: BLE001
-                self._settle.fail(item, _retryable(exc))
+                self._settle.fail(item, retryable(exc))
         return survivors, rows
 
     def _zero_shot(self, items: list[Item],
@@ -212,10 +212,10 @@ def _rows(tokens: TokenizedTexts, first: int, stop: int) -> TokenizedTexts:
                           tokens.truncated[first:stop])
 
 
-def _retryable(exc: Exception) -> Exception:
-    """Out of device memory even for one item is retried later (then dead-lettered, never
-    lost), with a message that says so; anything else as it is."""
+def retryable(exc: Exception, what: str = "a single item") -> Exception:
+    """The failure jobs get: out of device memory (for `what`) is retried later (then
+    dead-lettered, never lost), with a message that says so; anything else as it is."""
     if isinstance(exc, torch.OutOfMemoryError):
-        return TransientError(f"out of device memory for a single item: {exc}",
+        return TransientError(f"out of device memory for {what}: {exc}",
                               code=ErrorCode.INTERNAL)
     return exc

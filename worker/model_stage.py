@@ -12,10 +12,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-import torch
-
-from schemas.errors import ErrorCode, TransientError
-from worker.forward import BatchForward
+from worker.forward import BatchForward, retryable
 from worker.items import EncodedBatch, Item
 from worker.settle import Settler
 from worker.staging_stage import POLL_S, PipelineStats, StagedBatch
@@ -61,11 +58,8 @@ class ModelStage:
         (out of device memory is transient: those jobs are retried)."""
         try:
             return encode(items, staged)
-        except torch.OutOfMemoryError as exc:
-            failure: Exception = TransientError(f"out of device memory: {exc}",
-                                                code=ErrorCode.INTERNAL)
         except Exception as exc:  # noqa: BLE001 - routed to the batch's jobs (fail logs it)
-            failure = exc
+            failure = retryable(exc, "its batch")
         for item in items:
             self._settle.fail(item, failure)
         return None

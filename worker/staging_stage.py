@@ -18,13 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-import torch
-
 from schemas.errors import ErrorCode, TransientError
 from schemas.settings import Settings
 from worker.batcher import MicroBatcher
 from worker.device_stream import StagedPixels
-from worker.forward import BatchForward
+from worker.forward import BatchForward, retryable
 from worker.items import Item
 from worker.models.base import TokenizedTexts
 from worker.prepare_stage import PrepareStage
@@ -116,11 +114,8 @@ class StagingStage:
         (out of device memory is transient: those jobs are retried)."""
         try:
             return stage(items)
-        except torch.OutOfMemoryError as exc:
-            failure: Exception = TransientError(f"out of device memory: {exc}",
-                                                code=ErrorCode.INTERNAL)
         except Exception as exc:  # noqa: BLE001 - routed to the batch's jobs (fail logs it)
-            failure = exc
+            failure = retryable(exc, "its batch")
         for item in items:
             self._settle.fail(item, failure)
         return None
