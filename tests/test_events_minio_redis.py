@@ -17,7 +17,7 @@ import redis
 
 from control.deadletters import DeadLetterStore
 from producer.client import Client
-from producer.event_sources import EventStats, EventSubmitter
+from producer.event_sources import EventSubmitter
 from producer.events import EventJobTemplate
 from producer.minio_redis import MinioRedisConsumer
 from schemas.keys import RedisKeys, queue_name
@@ -25,6 +25,7 @@ from schemas.settings import Settings
 from tests.fixtures.event_bodies import minio_access, minio_record
 from tests.fixtures.faults import message_jobs
 from tests.fixtures.services import REPO, worker_env
+from tests.test_events_sqs import FlakySubmitter
 from worker.local import start_redis_server
 
 MODEL = "tiny/model"
@@ -65,16 +66,6 @@ def test_elements_become_jobs_and_leave_both_lists(redis_url: str) -> None:
     assert consumer.submitter.stats.as_dict() == {
         "jobs": 2, "dead_lettered": 1, "confirmed": 0, "ignored": {"metadata_only": 1}}
     assert target.llen(KEY) == 0 and target.llen(consumer.processing) == 0
-
-
-class FlakySubmitter(EventSubmitter):
-    failures = 1
-
-    def handle(self, body: Any, *, source: str, delivery: str | None = None) -> EventStats:
-        if self.failures:
-            self.failures -= 1
-            raise redis.ConnectionError("Redis is down")
-        return super().handle(body, source=source, delivery=delivery)
 
 
 def test_an_element_whose_handling_failed_is_retried_before_anything_new(
