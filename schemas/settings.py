@@ -154,9 +154,11 @@ class Settings(BaseSettings):
         default="warn", description="a submission to a model no worker announced: refused, "
         "accepted with a warning, or accepted")
 
-    # Celery task events, which Flower and `celery events` show (each message costs Redis
-    # three PUBLISHes more: received, started, succeeded)
+    # Celery task events, which Flower and `celery events` show: three a message (received,
+    # started, succeeded), sent in batches every `task_events_flush_s` (worker/task_events.py;
+    # 0: each at once, one PUBLISH apiece, as Celery sends them)
     task_events: bool = True
+    task_events_flush_s: float = Field(default=1.0, ge=0, le=60)
 
     # Prometheus metrics and the HTTP probes (/metrics, /livez, /readyz) of a worker; 0: off
     metrics_port: int = Field(default=0, ge=0, le=65_535)

@@ -20,6 +20,7 @@ from control.broker import broker_options
 from schemas.keys import queue_name
 from schemas.settings import Settings
 from worker.extra import missing_worker_extra
+from worker.task_events import BufferedTaskEvents
 
 try:
     from worker.tasks import register
@@ -44,7 +45,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         # Messages that never reach the task (not JSON, pickle, unknown task) are dead-lettered.
         "worker_consumer": "worker.tasks:Consumer",
-        # Task events for Flower and `celery events` (three small PUBLISHes a message).
+        # Task events for Flower and `celery events`, sent in batches (worker/task_events.py).
         "worker_send_task_events": settings.task_events,
         "worker_hijack_root_logger": False,
     }
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None) -> Celery:
         # weak=False: the receiver is a closure that would otherwise be collected at once.
         celery_app.on_configure.connect(_configure_from_environment, weak=False)
     register(celery_app)
+    celery_app.steps["consumer"].add(BufferedTaskEvents)
     return celery_app
 
 
