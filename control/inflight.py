@@ -13,6 +13,12 @@ two places is one atomic Redis operation:
             `heartbeat_ttl_s` is moved back onto its queue, message by message, and each
             message's count of lost deliveries goes up by one.
 
+A message that goes back onto its queue (requeued or recovered) is marked redelivered: its
+JSON gains a first key, `REDELIVERED_KEY`, which the transport turns into kombu's
+`delivery_info.redelivered`. Only such a message (or a retry) can have a delivery record, so a
+worker reads delivery records for those alone (`worker/message_policy.py`): a first delivery
+costs no Redis read for it.
+
 A consumer is alive while it refreshes its heartbeat: its in-flight list's score in one sorted
 set (`RedisKeys.consumers`), set from the Redis server's clock, every `heartbeat_interval_s`.
 Any process may sweep (workers do, after every heartbeat); the sweep takes no lock, so no
@@ -48,6 +54,19 @@ log = logging.getLogger(__name__)
 # An index entry of a dead consumer is forgotten after this long (its list is empty by then).
 FORGET_AFTER_MS = 3_600_000
 
+REDELIVERED_KEY = "x-dualstream-redelivered"
+_MARK = '{"' + REDELIVERED_KEY + '":1,'
+# A message put back on its queue, marked (once) as redelivered: an element that is not a
+# JSON object with a key (it is dead-lettered at its next fetch) is put back as it is.
+_MARK_LUA = """
+local function redelivered(raw)
+  if string.sub(raw, 1, MARK_LENGTH) == 'MARK' or not string.find(raw, '^{%s*"') then
+    return raw
+  end
+  return 'MARK' .. string.sub(raw, 2)
+end
+""".replace("MARK_LENGTH", str(len(_MARK))).replace("MARK", _MARK)
+
 _HEARTBEAT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -61,7 +80,7 @@ return now
 # (ms), the key prefix of delivery records, their ttl (s). The queue is the part of the in-flight
 # key after its last '|'. When nobody swept for a ttl (Redis was down, or no consumer ran), no
 # consumer could beat either: each gets a ttl from now before it counts as dead.
-_SWEEP = """
+_SWEEP = _MARK_LUA + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl, forget = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -81,7 +100,7 @@ for i = 1, #dead, 2 do
   local held = redis.call('LRANGE', inflight, 0, -1)
   for j = 1, #held do  -- newest first, so the oldest ends up next to be taken
     local raw = held[j]
-    redis.call('RPUSH', queue, raw)
+    redis.call('RPUSH', queue, redelivered(raw))
     local ok, message = pcall(cjson.decode, raw)
     if ok and type(message) == 'table' and type(message['headers']) == 'table'
         and type(message['headers']['id']) == 'string' then
@@ -101,12 +120,12 @@ return moved
 """
 
 # KEYS: the in-flight list, the queue. ARGV: the message, 1 to put it at the front.
-_REQUEUE = """
+_REQUEUE = _MARK_LUA + """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
   if ARGV[2] == '1' then
-    redis.call('RPUSH', KEYS[2], ARGV[1])
+    redis.call('RPUSH', KEYS[2], redelivered(ARGV[1]))
   else
-    redis.call('LPUSH', KEYS[2], ARGV[1])
+    redis.call('LPUSH', KEYS[2], redelivered(ARGV[1]))
   end
   return 1
 end

@@ -7,7 +7,8 @@ killed consumer holds for five minutes. Here (`control/inflight.py` has the prot
 
 - the fetch is `BLMOVE queue inflight RIGHT LEFT` into this channel's own in-flight list;
 - an ack removes the message from that list; a reject with requeue, or a channel closing with
-  messages it never handed out, moves them back in one script;
+  messages it never handed out, moves them back in one script, marked redelivered (kombu's
+  `delivery_info.redelivered` once fetched again);
 - a heartbeat thread keeps the list alive and sweeps the lists of consumers that stopped
   beating, without a lock.
 
@@ -40,7 +41,7 @@ from kombu.transport.virtual import Empty
 from kombu.utils.json import dumps, loads
 
 from control.deadletters import MAX_BYTES, MAX_ENTRIES, dead_letter
-from control.inflight import Heartbeat, InflightLedger
+from control.inflight import REDELIVERED_KEY, Heartbeat, InflightLedger
 from schemas.errors import ErrorCode
 from schemas.keys import RedisKeys
 
@@ -260,6 +261,8 @@ class InflightChannel(kombu_redis.Channel):
         try:
             payload = loads(raw)
             tag = payload["properties"]["delivery_tag"]
+            if payload.pop(REDELIVERED_KEY, None):
+                payload["properties"].setdefault("delivery_info", {})["redelivered"] = True
             self._held[tag] = (inflight, queue, raw)
         except Exception as exc:  # noqa: BLE001 - any element that does not decode
             letter = dead_letter(payload=None, code=ErrorCode.INVALID_JOB, message_id=None,

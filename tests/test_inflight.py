@@ -149,7 +149,9 @@ def test_a_message_in_a_live_consumers_list_that_it_does_not_hold_is_put_back(
     deadline = time.monotonic() + 3
     while client.llen(QUEUE) == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert client.lrange(QUEUE, 0, -1) == [b'{"headers": {"id": "orphan"}}']
+    # Put back marked as redelivered (its JSON's first key).
+    assert client.lrange(QUEUE, 0, -1) == [
+        b'{"x-dualstream-redelivered":1,"headers": {"id": "orphan"}}']
     assert len(client.lrange(inflight, 0, -1)) == 1, "the held message stays held"
     message.ack()
     queue.close()
@@ -203,3 +205,34 @@ def test_buried_messages_count_towards_the_dead_letter_caps_and_are_trimmed(
     assert store.trimmed() == 1
     assert int(client.hget(KEYS.dead_letter_stats, "bytes") or 0) == 2 * len('{"n": 0}')
     assert store.remove("letter-1") and int(client.hget(KEYS.dead_letter_stats, "bytes")) == 8
+
+
+def test_a_message_put_back_comes_again_marked_redelivered_once_and_a_first_delivery_is_not(
+        connection: Connection, client: redis.Redis) -> None:
+    """The mark that tells the worker to look for earlier deliveries' record
+    (worker/message_policy.py): set by a requeue and by the sweep, never twice, and gone from
+    the payload the consumer sees."""
+    publish(connection, {"id": "m8"})
+    queue = connection.SimpleQueue(QUEUE)
+    first = queue.get(timeout=2)
+    assert not first.delivery_info.get("redelivered")
+    first.requeue()
+    again = queue.get(timeout=2)
+    assert again.delivery_info.get("redelivered") is True
+    assert again.payload == {"id": "m8"}
+    assert "x-dualstream-redelivered" not in again.properties
+    again.requeue()  # marked already: not twice
+    [raw] = client.lrange(QUEUE, 0, -1)
+    assert raw.count(b"x-dualstream-redelivered") == 1
+    json.loads(raw)
+    # The sweep marks what a dead consumer held.
+    client.delete(QUEUE)
+    client.rpush(QUEUE, b'{"headers": {"id": "m9"}, "properties": {}}')
+    ledger = InflightLedger(client, KEYS, heartbeat_ttl_s=TTL_S)
+    dead = KEYS.inflight("dead-consumer", QUEUE)
+    client.lmove(QUEUE, dead, "RIGHT", "LEFT")
+    ledger.beat([dead])
+    assert sweep_for(ledger, TTL_S + 0.5) == 1
+    assert json.loads(client.lrange(QUEUE, 0, -1)[0]) == {
+        "x-dualstream-redelivered": 1, "headers": {"id": "m9"}, "properties": {}}
+    queue.close()

@@ -228,6 +228,24 @@ def test_an_error_raised_on_every_delivery_quarantines_with_the_last_error(
     assert "last error: RuntimeError: a bug that fires on this message" in letter.error
 
 
+def test_only_a_message_put_back_or_retried_is_looked_up_for_earlier_deliveries(
+        runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first delivery cannot have a delivery record (only a requeue or the sweep leaves one
+    behind, and both mark the message redelivered: control/inflight.py): it costs no read."""
+    looked_up: list[str] = []
+    real = runtime.dead_letters.previous_delivery
+    monkeypatch.setattr(runtime.dead_letters, "previous_delivery",
+                        lambda message_id: looked_up.append(message_id) or real(message_id))
+    jobs = _image_jobs(tmp_path, runtime.settings.model, 4)
+    for n, (job, redelivered, attempt) in enumerate(
+            zip(jobs, [False, True, None, False], [1, 1, 1, 2], strict=True)):
+        outcome = runtime.policy.handle({"jobs": [job.model_dump(mode="json")]},
+                                        message_id=f"m{n}", attempt=attempt,
+                                        redelivered=redelivered)
+        assert outcome.requeue is None and outcome.retry is None
+    assert looked_up == ["m1", "m2", "m3"]
+
+
 def test_a_redis_outage_while_handling_is_not_counted_as_a_lost_delivery(
         runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     [job] = _image_jobs(tmp_path, runtime.settings.model, 1)

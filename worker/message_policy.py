@@ -8,7 +8,8 @@ dead-lettered. The rules, and the tests that prove them, are in docs/reliability
   runs alone in this process (`SuspectGate`), so a message that kills its worker takes no
   innocent message's delivery count with it. After `max_deliveries` unfinished deliveries it is
   quarantined; a message of several jobs is first split into single-job messages, so only the
-  culprit is. A Redis outage or a drain puts a message back without counting.
+  culprit is. A Redis outage or a drain puts a message back without counting. Only a message
+  marked redelivered (put back on its queue: control/inflight.py) or retried is looked up.
 - After SIGTERM (`begin_drain`) no message starts; held ones get until the drain deadline to
   finish and are requeued otherwise.
 """
@@ -83,12 +84,16 @@ class MessagePolicy:
 
     # One message ---------------------------------------------------------------------------
     def handle(self, payload: Any, *, message_id: str, attempt: int,
-               queue: str | None = None) -> Outcome:
+               queue: str | None = None, redelivered: bool | None = None) -> Outcome:
+        """`redelivered`: whether the message was put back on its queue before
+        (control/inflight.py marks it so; None: not known). Only then, or on a retry, can
+        earlier deliveries have left a record: a first delivery reads none."""
         received = time.monotonic()
         vt = self.settings.visibility_timeout_s
         if self._draining.is_set():
             return Outcome(requeue="the worker is draining")
-        previous = self._dead_letters.previous_delivery(message_id)
+        previous = (self._dead_letters.previous_delivery(message_id)
+                    if redelivered is not False or attempt > 1 else None)
         if previous is not None and previous.count >= self.settings.max_deliveries:
             return self._quarantine(payload, message_id, previous, queue)
         if previous is not None:
@@ -103,7 +108,7 @@ class MessagePolicy:
                 return Outcome(requeue="the worker is draining")
             outcome = self._handle_alone_or_not(
                 payload, message_id, attempt, queue, received + vt * HOLD_FRACTION,
-                redelivered=previous is not None or attempt > 1)
+                redelivered=bool(redelivered) or previous is not None or attempt > 1)
         if previous is not None and outcome.requeue is None:
             self._dead_letters.end_delivery(message_id)
         return outcome

@@ -52,11 +52,13 @@ def app_settings(celery_app: Celery) -> Settings:
 
 def _process(task: Task, payload: Any) -> dict[str, Any]:
     request = task.request
-    queue = (request.delivery_info or {}).get("routing_key")
+    delivery = request.delivery_info or {}
+    queue = delivery.get("routing_key")
     try:
         settings = app_settings(task.app)
         outcome = get_runtime(settings).policy.handle(
-            payload, message_id=str(request.id), attempt=int(request.retries) + 1, queue=queue)
+            payload, message_id=str(request.id), attempt=int(request.retries) + 1,
+            queue=queue, redelivered=bool(delivery.get("redelivered")))
         for message in outcome.resend:
             task.app.send_task(TASK_NAME, args=[message], queue=queue)
     except Exception as exc:
