@@ -20,9 +20,9 @@ from control.broker import broker_options
 from schemas.keys import queue_name
 from schemas.settings import Settings
 from worker.extra import missing_worker_extra
-from worker.task_events import BufferedTaskEvents
 
 try:
+    from worker.task_events import BufferedTaskEvents
     from worker.tasks import register
 except ModuleNotFoundError as _missing:  # `celery -A worker.celery_app` without the extra
     if (_reason := missing_worker_extra(_missing)) is None:
