@@ -21,6 +21,10 @@ zero-shot over small local JPEGs, `--labels` labels, no embedding kept in Redis,
    costs a Redis that has its core to itself.
 5. This machine's floor (`floor`): Redis CPU per round trip and per record written, and the
    least a bulk job can cost with a message's fetch, reservation, commit and ack.
+6. Two ways to keep records (`layouts`), in the steady state of a 7-day TTL (a keyspace that
+   already holds a week of records): a key each (`SET NX EX`, what dualstream does), and a
+   field each of per-day hashes (the batch's lookups in every day kept, one `HSET` into
+   today's), 32 records to a script.
 
 Script time (`evalsha`) includes the commands scripts call, which `commandstats` also counts
 under their own names, so CPU comes from the process, not from summing commands.
@@ -248,15 +252,18 @@ def _measure(url: str, model: str, paths: list[str], per_message: int, labels: i
 
 def replay(jobs: int, per_message: int, labels: int) -> dict[str, Any] | None:
     """The worker's Redis work per message without a model to compete with Redis for the
-    CPU: fetch into an in-flight list, the delivery check, one reservation script for its
-    jobs, the shard's commit, the ack; Redis's CPU per job. None for code without
+    CPU: fetch into an in-flight list, one reservation script for its jobs, the shard's
+    commit, the ack, and, for code older than the redelivered mark, the delivery check (a
+    first delivery reads no delivery record now); Redis's CPU per job. None for code without
     reservations (a `--baseline` older than issue 11)."""
+    import control.inflight as inflight_module
     import control.results as results_module
     from schemas.records import encode_done
     from schemas.results import LabelScore
 
     if not hasattr(results_module, "Reservation"):
         return None
+    reads_deliveries = not hasattr(inflight_module, "REDELIVERED_KEY")
     server = start_redis_server()
     _pin(server.process.pid, REDIS_CPUS)
     try:
@@ -270,7 +277,8 @@ def replay(jobs: int, per_message: int, labels: int) -> dict[str, Any] | None:
         phase = _Phase(client, idle)
         for n in range(jobs // per_message):
             raw = client.blmove(queue, held, 1, "RIGHT", "LEFT")
-            client.hgetall(keys.deliveries(f"message-{n}"))
+            if reads_deliveries:
+                client.hgetall(keys.deliveries(f"message-{n}"))
             shard = f"replay{n:010d}"
             store.reserve([results_module.Reservation(
                 f"{n:08x}{i:024x}", encode_done(
@@ -318,6 +326,68 @@ def floor(per_message: int, calls: int = 3000) -> dict[str, Any]:
             "bulk_job_floor_us": round((4 + 1 / 16) * round_trip / per_message + record, 2),
             "runs": {"round_trip_us": [round(x, 2) for x in ping],
                      "record_write_us": [round(x, 2) for x in write]}}
+
+
+# One batch of records as fields of per-day hashes: KEYS the days kept (today first); ARGV
+# the fields, then the records. A field found on any day is left as it is.
+_WRITE_FIELDS = """
+local n = #ARGV / 2
+local fields, found = {unpack(ARGV, 1, n)}, {}
+for day = 1, #KEYS do
+  local old = redis.call('HMGET', KEYS[day], unpack(fields))
+  for i = 1, n do if old[i] then found[i] = true end end
+end
+local new = {}
+for i = 1, n do
+  if not found[i] then
+    new[#new + 1] = ARGV[i]
+    new[#new + 1] = ARGV[n + i]
+  end
+end
+if #new > 0 then redis.call('HSET', KEYS[1], unpack(new)) end
+redis.call('EXPIRE', KEYS[1], 691200)
+"""
+
+
+def layouts(per_message: int, per_day: int = 100_000, days: int = 9,
+            calls: int = 2000) -> dict[str, Any]:
+    """Redis CPU per record written, keys against fields of per-day hashes, with `days` days'
+    records already there (`per_day` each: a 7-day TTL probes 9 days, the clock's next day
+    and a day's slack included), best of 3 each: what an emptier Redis would hide (a big
+    hash's lookups and inserts miss the CPU caches as a big keyspace's do)."""
+    server = start_redis_server()
+    _pin(server.process.pid, REDIS_CPUS)
+    try:
+        client = redis.Redis.from_url(server.url)
+        for day in range(days):
+            for _ in range(0, per_day, 5000):
+                client.execute_command("HSET", f"day:{day}", *[
+                    part for _ in range(5000) for part in (os.urandom(16), os.urandom(100))])
+                with client.pipeline(transaction=False) as pipe:
+                    for _ in range(5000):
+                        pipe.set(os.urandom(16), os.urandom(100), ex=604800)
+                    pipe.execute()
+        keys, fields = client.register_script(_WRITE_KEYS), client.register_script(_WRITE_FIELDS)
+        per_key, per_field = [], []
+        for _ in range(3):
+            start = _cpu_s(client)
+            for _ in range(calls):
+                keys(keys=[os.urandom(16) for _ in range(per_message)],
+                     args=[os.urandom(100) for _ in range(per_message)])
+            per_key.append((_cpu_s(client) - start) / (calls * per_message) * 1e6)
+            start = _cpu_s(client)
+            for _ in range(calls):
+                fields(keys=[f"day:{day}" for day in range(days)],
+                       args=[os.urandom(16) for _ in range(per_message)]
+                       + [os.urandom(100) for _ in range(per_message)])
+            per_field.append((_cpu_s(client) - start) / (calls * per_message) * 1e6)
+    finally:
+        server.stop()
+    return {"records_already_kept": per_day * days, "days_probed": days,
+            "key_per_record_us": round(min(per_key), 2),
+            "field_of_day_hash_us": round(min(per_field), 2),
+            "runs": {"key_per_record_us": [round(x, 2) for x in per_key],
+                     "field_of_day_hash_us": [round(x, 2) for x in per_field]}}
 
 
 def _key_bytes(client: redis.Redis) -> int:
@@ -385,6 +455,12 @@ def _side(report: dict[str, Any]) -> list[str]:
                      f"CPU, a record written {least['record_write_us']} µs; a bulk job fetched, "
                      f"reserved, committed and acked with {report['per_message']} others "
                      f"costs at least {least['bulk_job_floor_us']} µs")
+    kept = report.get("layouts")
+    if kept:
+        lines.append(f"  a record written with {kept['records_already_kept']:,} kept: as a key "
+                     f"{kept['key_per_record_us']} µs, as a field of per-day hashes (probing "
+                     f"{kept['days_probed']} days) {kept['field_of_day_hash_us']} µs; runs "
+                     f"{kept['runs']}")
     single = report.get("singles")
     if single:
         top = ", ".join(f"{name} {n}" for name, n in list(single["by_command"].items())[:12])
@@ -442,6 +518,7 @@ def section(jobs: int, per_message: int, labels: int, singles: int,
         report["replay"] = {**best, "runs_us_per_job": [r["redis_cpu_us_per_job"]  # type: ignore[index]
                                                         for r in replays]}
     report["floor"] = floor(per_message)
+    report["layouts"] = layouts(per_message)
     report["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if baseline is not None:
         report["baseline"] = baseline
