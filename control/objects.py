@@ -103,6 +103,14 @@ class LocalOutputStore:
                 if path.is_file() and not path.name.startswith(".tmp-"):
                     yield path.relative_to(self._dir).as_posix()
 
+    def stamps(self, prefix: str) -> Iterator[tuple[str, str]]:
+        """(key, stamp) under a prefix; a file's stamp changes when it is rewritten."""
+        for key in self.list(prefix):
+            try:
+                yield key, local_identity((self._dir / key).stat())
+            except FileNotFoundError:
+                continue  # removed since it was listed
+
     def uri(self, key: str) -> str:
         return (self._dir / key).resolve().as_uri()
 
@@ -155,6 +163,21 @@ class S3OutputStore:
         start = len(self._prefix) + 1 if self._prefix else 0
         for key in iter_s3_keys(self._s3, self._bucket, self._key(prefix)):
             yield key[start:]
+
+    def stamps(self, prefix: str) -> Iterator[tuple[str, str]]:
+        """(key, ETag) under a prefix, in one listing; a missing bucket or a refusal is a
+        `SourceError`, anything else a `TransientError`."""
+        start = len(self._prefix) + 1 if self._prefix else 0
+        try:
+            pages = self._s3.get_paginator("list_objects_v2").paginate(
+                Bucket=self._bucket, Prefix=self._key(prefix))
+            for page in pages:
+                for item in page.get("Contents", []):
+                    yield item["Key"][start:], str(item.get("ETag", ""))
+        except ClientError as exc:
+            raise s3_error(exc, self.uri(prefix)) from exc
+        except BotoCoreError as exc:
+            raise TransientError(f"listing {self.uri(prefix)} failed: {exc}") from exc
 
     def uri(self, key: str) -> str:
         return f"s3://{self._bucket}/{self._key(key)}"

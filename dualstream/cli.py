@@ -19,6 +19,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from pydantic import ValidationError
 
 from dualstream import __version__
+from dualstream.serve import api
 from producer.cli import COMMANDS as PRODUCER_COMMANDS
 from producer.cli import UserError
 from producer.event_cli import events
@@ -39,7 +40,7 @@ def cli(debug: bool) -> None:
     """dualstream: embeddings and zero-shot labels for images and texts, from a queue."""
 
 
-for _command in [*PRODUCER_COMMANDS, *OPS_COMMANDS, events, *WORKER_COMMANDS, *TOOL_COMMANDS]:
+for _command in [*PRODUCER_COMMANDS, api, *OPS_COMMANDS, events, *WORKER_COMMANDS, *TOOL_COMMANDS]:
     cli.add_command(_command)
 
 

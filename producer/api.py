@@ -8,7 +8,9 @@ except the scaling route, which KEDA reads and which tells only counts. Bodies a
 the models in `schemas/` (422 names the field); a body over `api_max_body_bytes` is refused with
 413 before it is read; a submission to a model whose backlog is over `api_max_backlog_jobs` gets
 429 with Retry-After; one to a model no worker has announced is refused (409) or accepted with a
-warning, as `unserved_models` says.
+warning, as `unserved_models` says. `POST /v1/search` (producer/search.py) finds the nearest
+images to a text or an image; without a `Searcher` (an install without numpy and pyarrow) it
+answers 501.
 """
 
 from __future__ import annotations
@@ -42,17 +44,32 @@ from dualstream import __version__
 from producer.client import Client
 from producer.event_sources import EventSubmitter
 from producer.events import EventJobTemplate
+from producer.search import QueryFailed, Searcher, search
 from producer.sns_confirm import SubscriptionConfirmer
 from producer.webhook import authorized
 from schemas.jobs import MAX_JOBS_PER_MESSAGE, MAX_RUN_ID, RUN_ID, Job
 from schemas.keys import RedisKeys, queue_name
 from schemas.results import JobResult, RunProgress
+from schemas.search import (
+    SearchCode,
+    SearchError,
+    SearchFailure,
+    SearchProblem,
+    SearchRequest,
+    SearchResults,
+)
 from schemas.settings import Settings
 
 REQUESTS = Counter("dualstream_api_requests_total", "API requests by route, method and status.",
                    ["route", "method", "status"])
 BACKLOG_RETRY_AFTER_S = 30
 MAX_BATCH = 1000
+SEARCH_STATUS = {
+    SearchCode.NOT_AVAILABLE: 501, SearchCode.NO_MODEL: 422, SearchCode.SET_NOT_FOUND: 404,
+    SearchCode.SET_NOT_ALLOWED: 403, SearchCode.SET_UNREADABLE: 422,
+    SearchCode.STORAGE_UNAVAILABLE: 503, SearchCode.WRONG_DIMENSION: 422,
+    SearchCode.QUERY_TIMEOUT: 504,
+}
 
 RunIdPath = Annotated[str, Path(pattern=RUN_ID.pattern, max_length=MAX_RUN_ID)]
 Scope = MutableMapping[str, Any]
@@ -163,6 +180,7 @@ class ApiContext:
     heartbeat_ttl_s: float
     api_token: str | None
     webhook_token: str | None
+    searcher: Searcher | None = None
 
     def load(self, queue: str) -> QueueLoad:
         return queue_load(self.client.redis, self.keys, queue,
@@ -280,6 +298,35 @@ def get_models(context: Context) -> list[ModelInfo]:
     return models
 
 
+_SEARCH_ERRORS: dict[int | str, dict[str, Any]] = {
+    403: {"model": SearchFailure, "description": "the set is outside DUALSTREAM_SEARCH_ROOTS"},
+    404: {"model": SearchFailure, "description": "no such export, or no rows in it or the run"},
+    422: {"description": "an invalid request (`detail[]`, as for jobs), or a query job that "
+          "failed (`detail`: a `SearchProblem` with the job's error code)"},
+    501: {"model": SearchFailure, "description": "the API is installed without numpy and "
+          "pyarrow (`pip install 'dualstream[search]'`)"},
+    502: {"model": SearchFailure, "description": "the query job failed on the service's side"},
+    503: {"model": SearchFailure, "description": "object storage failed; try again"},
+    504: {"model": SearchFailure, "description": "no worker finished the query job in "
+          "DUALSTREAM_SEARCH_TIMEOUT_S"},
+}
+
+
+@v1.post("/search", response_model=SearchResults, responses=_SEARCH_ERRORS,
+         summary="The images nearest a text or an image, in an export or a run")
+def search_route(request: SearchRequest, context: Context) -> SearchResults:
+    try:
+        return search(request, searcher=context.searcher, client=context.client,
+                      default_model=context.settings.model,
+                      timeout_s=context.settings.search_timeout_s, admit=context.admit)
+    except SearchError as exc:
+        raise HTTPException(SEARCH_STATUS[exc.code], SearchProblem(
+            code=exc.code, message=exc.message).model_dump(exclude_none=True)) from None
+    except QueryFailed as exc:
+        raise HTTPException(502 if exc.ours else 422, SearchProblem(
+            code=exc.code, message=str(exc), job_id=exc.job_id).model_dump()) from None
+
+
 @scaling.get("/models/{queue}/scaling", response_model=Scaling,
              summary="Jobs queued and held for a model queue (KEDA's metrics-api trigger)")
 def get_scaling(queue: Annotated[str, Path(pattern=r"^dualstream\.[A-Za-z0-9._-]+$",
@@ -333,7 +380,9 @@ async def _count_requests(request: Request,
     return response
 
 
-def create_app(settings: Settings, client: Client | None = None) -> FastAPI:
+def create_app(settings: Settings, client: Client | None = None,
+               searcher: Searcher | None = None) -> FastAPI:
+    """The API; `searcher` answers `POST /v1/search` (without one, the route answers 501)."""
     client = client or Client(settings)
     api_token = settings.api_token.get_secret_value() if settings.api_token else None
     app = FastAPI(title="dualstream", version=__version__,
@@ -348,13 +397,15 @@ def create_app(settings: Settings, client: Client | None = None) -> FastAPI:
             SubscriptionConfirmer(extra_hosts=tuple(settings.sns_confirm_hosts))),
         heartbeat_ttl_s=heartbeat_timing(settings)[1], api_token=api_token,
         webhook_token=(settings.webhook_token.get_secret_value() if settings.webhook_token
-                       else api_token))
+                       else api_token),
+        searcher=searcher)
     app.middleware("http")(_count_requests)
     for router in (v1, scaling, events, probes):
         app.include_router(router)
     return app
 
 
-def wrapped(settings: Settings, client: Client | None = None) -> ASGIApp:
+def wrapped(settings: Settings, client: Client | None = None,
+            searcher: Searcher | None = None) -> ASGIApp:
     """The app behind its body limit: what `dualstream api` serves."""
-    return BodyLimit(create_app(settings, client), settings.api_max_body_bytes)
+    return BodyLimit(create_app(settings, client, searcher), settings.api_max_body_bytes)

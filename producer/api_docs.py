@@ -25,6 +25,15 @@ job with 422, naming the field (`detail[].loc`) and the error code (`detail[].ty
 `empty_text`); a submission to a model whose backlog (jobs queued and held) reaches
 `DUALSTREAM_API_MAX_BACKLOG_JOBS` with 429 and `Retry-After`; one to a model no worker has
 announced with 409 when `DUALSTREAM_UNSERVED_MODELS=refuse` (else it is accepted with a warning).
+
+`POST /v1/search` embeds its query as a job on the model's queue (a worker must serve the model)
+and searches an export or a run's committed rows in the API's process. Its refusals carry
+`detail.code`: `search_set_not_found` (404), `search_set_not_allowed` (403, outside
+`DUALSTREAM_SEARCH_ROOTS`), `search_set_unreadable` and `search_wrong_dimension` (422),
+`search_no_model` (422), `search_storage_unavailable` (503), `search_query_timeout` (504, after
+`DUALSTREAM_SEARCH_TIMEOUT_S`), `search_not_available` (501: an API installed without numpy and
+pyarrow, `pip install 'dualstream[search]'`); a query job that failed answers 422 with the
+job's own error code (502 for a failure on the service's side: `internal_error`, transient ones).
 """
 
 

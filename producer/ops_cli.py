@@ -1,6 +1,7 @@
-"""Service and operator commands: `api` (the HTTP API), `models` (what workers serve),
-`queue-load` (the work a model's queue holds, for scaling) and `restore` (put back what dead
-workers held, from outside any worker). No torch is imported here."""
+"""Operator commands: `models` (what workers serve), `queue-load` (the work a model's queue
+holds, for scaling) and `restore` (put back what dead workers held, from outside any worker). No
+torch is imported here. `dualstream api` is in dualstream/serve.py, which composes the API with
+search."""
 
 from __future__ import annotations
 
@@ -66,23 +67,6 @@ def restore(once: bool) -> None:
 
 
 @click.command()
-@click.option("--host", default=None, help="address to bind (default: DUALSTREAM_API_HOST)")
-@click.option("--port", type=int, default=None, help="port (default: DUALSTREAM_API_PORT)")
-def api(host: str | None, port: int | None) -> None:
-    """Serve the HTTP API (OpenAPI at /openapi.json)."""
-    import uvicorn
-
-    from producer.api import wrapped
-
-    settings = Settings()
-    if settings.api_token is None and settings.api_require_token:
-        raise click.UsageError("set DUALSTREAM_API_TOKEN (or DUALSTREAM_API_REQUIRE_TOKEN=false "
-                               "to serve without one, on a trusted network only)")
-    uvicorn.run(wrapped(settings), host=host or settings.api_host,
-                port=port or settings.api_port, log_level="info", access_log=False)
-
-
-@click.command()
 def models() -> None:
     """List the models workers serve now: model, queue, workers, versions."""
     settings = Settings()
@@ -95,4 +79,4 @@ def models() -> None:
                                "versions": sorted({s.version for s in group})}))
 
 
-COMMANDS = [api, models, queue_load_command, restore]
+COMMANDS = [models, queue_load_command, restore]

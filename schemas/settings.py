@@ -153,6 +153,15 @@ class Settings(BaseSettings):
     unserved_models: Literal["refuse", "warn", "allow"] = Field(
         default="warn", description="a submission to a model no worker announced: refused, "
         "accepted with a warning, or accepted")
+    search_timeout_s: float = Field(
+        default=30.0, gt=0, description="POST /v1/search: the longest the API waits for a "
+        "worker to embed the query (then 504)")
+    search_cache_mb: int = Field(
+        default=1024, ge=0, description="POST /v1/search: the vectors of recently searched "
+        "exports and runs the API keeps loaded, in MiB (the least recently used go first)")
+    search_roots: list[str] = Field(
+        default_factory=list, description="POST /v1/search: folders and s3://bucket/prefix "
+        "locations under which `export` may name an export; empty: any the API can read")
 
     # Celery task events, which Flower and `celery events` show: three a message (received,
     # started, succeeded), sent in batches every `task_events_flush_s` (worker/task_events.py;

@@ -26,10 +26,11 @@ TOKEN = "api-t0ken"
 MODEL = "tiny/unserved"
 
 
-def serve(settings: Settings, port: int | None = None) -> Iterator[str]:
-    """The API on `port` (a free one by default): yields its base URL, then stops it."""
+def serve(settings: Settings, port: int | None = None, app: Any = None) -> Iterator[str]:
+    """The API (`app`, or the producer's API for `settings`) on `port` (a free one by default):
+    yields its base URL, then stops it."""
     port = port or free_port()
-    server = uvicorn.Server(uvicorn.Config(wrapped(settings), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(app or wrapped(settings), host="127.0.0.1", port=port,
                                            log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -181,6 +182,9 @@ def test_schemathesis_finds_no_server_error(api: Callable[..., str]) -> None:
     run = subprocess.run(
         [str(REPO / ".venv" / "bin" / "schemathesis"), "run", f"{base}/openapi.json",
          "--checks", "not_a_server_error", "--header", f"Authorization: Bearer {TOKEN}",
+         # Search embeds its query on a worker (none here: 504), or answers 501 without a
+         # searcher: tests/test_api_search.py has its cases.
+         "--exclude-path", "/v1/search",
          "--max-examples", "25", "--workers", "1"],
         cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]

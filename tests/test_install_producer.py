@@ -144,3 +144,21 @@ def test_a_worker_command_without_the_worker_extra_says_so_in_one_line(
         [line] = finished.stderr.strip().splitlines()
         assert line.startswith("dualstream: this needs the worker extra (")
         assert line.endswith("pip install 'dualstream[worker]'")
+
+
+def test_the_api_without_the_search_extra_has_no_searcher_and_keeps_the_route(
+        producer_venv: tuple[Path, Path], tmp_path: Path) -> None:
+    """`dualstream api` in the base install: no numpy or pyarrow, so no searcher, and the
+    search route is there to answer 501 (tests/test_api_search.py checks the answer)."""
+    _, env_dir = producer_venv
+    env = worker_env(redis_url="redis://127.0.0.1:1/0")  # never connected to
+    del env["PYTHONPATH"]
+    probe = ("import json, sys; from dualstream.serve import searcher; "
+             "from producer.api import create_app; from producer.client import Client; "
+             "from schemas.settings import Settings; s = Settings(); c = Client(s); "
+             "print(json.dumps([searcher(s, c) is None, '/v1/search' in "
+             "create_app(s, c).openapi()['paths'], sorted(m for m in sys.modules if "
+             f"m.split('.')[0] in {HEAVY!r})]))")
+    found = subprocess.run([str(env_dir / "bin" / "python"), "-c", probe], env=env,
+                           cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+    assert json.loads(found) == [True, True, []]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -41,18 +42,25 @@ class ExportIndex:
             metadata = name.replace("/embeddings/emb_", "/metadata/metadata_")
             table = pq.read_table(io.BytesIO(store.get(metadata.removesuffix(".npy")
                                                       + ".parquet") or b""))
+            if table.num_rows != len(vectors[-1]):
+                raise ValueError(f"{name} holds {len(vectors[-1])} vectors but its metadata "
+                                 f"{table.num_rows} rows")
             job_ids += table.column("job_id").to_pylist()
             sources += table.column("source").to_pylist()
         if not vectors:
             raise FileNotFoundError(f"no {modality} embeddings under {store.root}")
         return cls(np.concatenate(vectors).astype(np.float32), job_ids, sources)
 
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
     def search(self, query: np.ndarray, k: int) -> list[Hit]:
-        query = np.asarray(query, dtype=np.float32).reshape(1, -1)
+        query = np.array(query, dtype=np.float32).reshape(1, -1)  # a copy: the caller's stays
         query /= max(float(np.linalg.norm(query)), 1e-12)
         k = min(k, len(self.job_ids))
         if len(self.job_ids) > EXACT_UP_TO and _faiss() is not None:
-            scores, rows = self._faiss_index().search(query, k)
+            scores, rows = self._faiss_index.search(query, k)
             found = list(zip(scores[0].tolist(), rows[0].tolist(), strict=True))
         else:
             scores = self.vectors @ query[0]
@@ -61,7 +69,10 @@ class ExportIndex:
         return [Hit(score, self.job_ids[row], self.sources[row]) for score, row in found
                 if row >= 0]
 
+    @cached_property
     def _faiss_index(self) -> Any:
+        """Built on the first search past `EXACT_UP_TO` rows, then kept with the index (a
+        process that searches again, as the API does, does not build it again)."""
         faiss = _faiss()
         index = faiss.IndexHNSWFlat(self.vectors.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
         index.add(self.vectors)
