@@ -11,11 +11,13 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import uvicorn
 
+from dualstream.serve import api_app
 from producer.api import wrapped
 from schemas.keys import canonical_model
 from schemas.settings import Settings
@@ -177,14 +179,19 @@ def test_a_job_submitted_over_http_is_finished_by_a_real_worker(
         time.sleep(0.2)
 
 
-def test_schemathesis_finds_no_server_error(api: Callable[..., str]) -> None:
-    base = api(unserved_models="warn")
-    run = subprocess.run(
-        [str(REPO / ".venv" / "bin" / "schemathesis"), "run", f"{base}/openapi.json",
-         "--checks", "not_a_server_error", "--header", f"Authorization: Bearer {TOKEN}",
-         # Search embeds its query on a worker (none here: 504), or answers 501 without a
-         # searcher: tests/test_api_search.py has its cases.
-         "--exclude-path", "/v1/search",
-         "--max-examples", "25", "--workers", "1"],
-        cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=400)
+def test_schemathesis_finds_no_server_error(redis_url: str, tmp_path: Path) -> None:
+    """The API as `dualstream api` serves it, search included; searches are confined to an
+    empty folder, so that no generated path makes the API list this machine's files."""
+    settings = Settings(redis_url=redis_url, api_token=TOKEN, api_max_body_bytes=4096,
+                        unserved_models="warn", search_roots=[str(tmp_path)])
+    running = serve(settings, app=api_app(settings))
+    base = next(running)
+    try:
+        run = subprocess.run(
+            [str(REPO / ".venv" / "bin" / "schemathesis"), "run", f"{base}/openapi.json",
+             "--checks", "not_a_server_error", "--header", f"Authorization: Bearer {TOKEN}",
+             "--max-examples", "25", "--workers", "1"],
+            cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=400)
+    finally:
+        next(running, None)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
