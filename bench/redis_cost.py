@@ -46,6 +46,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,15 @@ def _cpu_s(client: redis.Redis) -> float:
     """The redis-server process's CPU time so far (user + system)."""
     cpu: dict[str, Any] = client.info("cpu")
     return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
+def _cpu_us(client: redis.Redis, work: Callable[[int], object], calls: int,
+            units_per_call: int = 1) -> float:
+    """Redis CPU µs per unit of `work(n)`, called for n in range(calls)."""
+    start = _cpu_s(client)
+    for n in range(calls):
+        work(n)
+    return (_cpu_s(client) - start) / (calls * units_per_call) * 1e6
 
 
 def _idle_rate(client: redis.Redis, seconds: float = 3.0) -> float:
@@ -310,15 +320,10 @@ def floor(per_message: int, calls: int = 3000) -> dict[str, Any]:
         script = client.register_script(_WRITE_KEYS)
         script(keys=["warm"], args=[b"x"])
         for attempt in range(3):
-            start = _cpu_s(client)
-            for _ in range(calls):
-                client.ping()
-            ping.append((_cpu_s(client) - start) / calls * 1e6)
-            start = _cpu_s(client)
-            for n in range(calls):
-                script(keys=[f"floor:{attempt}:{n}:{i}" for i in range(32)],
-                       args=[os.urandom(100) for _ in range(32)])
-            write.append((_cpu_s(client) - start) / (calls * 32) * 1e6)
+            ping.append(_cpu_us(client, lambda _: client.ping(), calls))
+            write.append(_cpu_us(client, lambda n, attempt=attempt: script(
+                keys=[f"floor:{attempt}:{n}:{i}" for i in range(32)],
+                args=[os.urandom(100) for _ in range(32)]), calls, 32))
     finally:
         server.stop()
     round_trip, record = min(ping), min(write)
@@ -370,17 +375,13 @@ def layouts(per_message: int, per_day: int = 100_000, days: int = 9,
         keys, fields = client.register_script(_WRITE_KEYS), client.register_script(_WRITE_FIELDS)
         per_key, per_field = [], []
         for _ in range(3):
-            start = _cpu_s(client)
-            for _ in range(calls):
-                keys(keys=[os.urandom(16) for _ in range(per_message)],
-                     args=[os.urandom(100) for _ in range(per_message)])
-            per_key.append((_cpu_s(client) - start) / (calls * per_message) * 1e6)
-            start = _cpu_s(client)
-            for _ in range(calls):
-                fields(keys=[f"day:{day}" for day in range(days)],
-                       args=[os.urandom(16) for _ in range(per_message)]
-                       + [os.urandom(100) for _ in range(per_message)])
-            per_field.append((_cpu_s(client) - start) / (calls * per_message) * 1e6)
+            per_key.append(_cpu_us(client, lambda _: keys(
+                keys=[os.urandom(16) for _ in range(per_message)],
+                args=[os.urandom(100) for _ in range(per_message)]), calls, per_message))
+            per_field.append(_cpu_us(client, lambda _: fields(
+                keys=[f"day:{day}" for day in range(days)],
+                args=[os.urandom(16) for _ in range(per_message)]
+                + [os.urandom(100) for _ in range(per_message)]), calls, per_message))
     finally:
         server.stop()
     return {"records_already_kept": per_day * days, "days_probed": days,
