@@ -18,7 +18,10 @@ zero-shot over small local JPEGs, `--labels` labels, no embedding kept in Redis,
 3. Single submissions (`--singles`, default 64), one message each, read back once each: the
    commands each costs, by name.
 4. The worker's Redis work replayed in this process, without a model (`replay`): what a job
-   costs a Redis that has its core to itself.
+   costs a Redis that has its core to itself; and both sides' traffic recorded and replayed
+   over several connections at once (`capacity`, bench/redis_capacity.py, added to the report
+   by `python -m bench --redis-cost`): what a job costs a Redis kept busy, as one feeding many
+   workers is.
 5. This machine's floor (`floor`): Redis CPU per round trip and per record written, and the
    least a bulk job can cost with a message's fetch, reservation, commit and ack.
 6. Two ways to keep records (`layouts`), in the steady state of a 7-day TTL (a keyspace that
@@ -450,6 +453,15 @@ def _side(report: dict[str, Any]) -> list[str]:
         lines.append(f"  the worker's Redis work replayed without a model: "
                      f"{replayed['redis_cpu_us_per_job']} µs per job, best of "
                      f"{replayed['runs_us_per_job']} ({replayed['commands_per_job']} commands)")
+    busy = report.get("capacity")
+    if busy:
+        lines.append(f"  at capacity ({busy['lanes']} connections a side, "
+                     f"{busy['records_already_kept']:,} records kept): producer "
+                     f"{busy['producer']['redis_cpu_us_per_job']} µs + worker "
+                     f"{busy['worker']['redis_cpu_us_per_job']} µs = "
+                     f"{busy['redis_cpu_us_per_job']} µs per bulk job (target ≤ 5), Redis busy "
+                     f"{busy['producer']['redis_busy']} / {busy['worker']['redis_busy']}; "
+                     f"runs {busy['runs_us_per_job']}")
     least = report.get("floor")
     if least:
         lines.append(f"  this machine's floor: a round trip {least['round_trip_us']} µs of Redis "

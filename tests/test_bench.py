@@ -115,3 +115,17 @@ def test_the_redis_cost_bench_counts_each_sides_commands_cpu_and_bytes(
     assert report["singles"]["by_command"]["lpush"] == pytest.approx(1)
     assert report["singles"]["record_bytes_with_embedding"] > report["record_bytes"]
     assert "Redis CPU µs" in render(report, baseline=report)
+
+
+def test_the_capacity_bench_replays_both_sides_recorded_traffic() -> None:
+    """Smoke test of bench/redis_capacity.py at a small size: the producer's and the worker's
+    requests are recorded from the real code (4 a message for the worker: fetch, reservation,
+    commit, ack) and replayed without an error reply, writing every job's record again."""
+    from bench.redis_capacity import measure
+
+    require("redis-server")
+    report = measure(jobs=256, per_message=32, labels=3, lanes=2, kept=1000)
+    assert report["worker"]["requests"] == 4 * 256 // 32
+    assert report["worker"]["usec_per_job_by_command"]["set"] > 0  # the records, in scripts
+    assert 0 < report["producer"]["requests"] <= 4
+    assert report["redis_cpu_us_per_job"] > 0 and len(report["runs_us_per_job"]) == 3
