@@ -225,6 +225,58 @@ def test_a_reservation_sent_twice_counts_once_and_keeps_its_rows(results: Result
     assert runs.progress("run-1").done == 2
 
 
+def _scripts_run(client: redis.Redis) -> int:
+    stats = client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def test_a_bulk_batch_of_new_jobs_is_reserved_without_a_script(results: ResultStore,
+                                                               runs: RunStore,
+                                                               client: redis.Redis) -> None:
+    before = _scripts_run(client)
+    claims = results.reserve([record(j, "s-fast", "run-f") for j in ["a", "b", "c"]], "s-fast",
+                             lease_s=30)
+    assert _scripts_run(client) == before  # plain commands, one pipelined round trip
+    assert [(c.state, c.row) for c in claims] == [("new", 0), ("new", 1), ("new", 2)]
+    assert runs.progress("run-f").done == 0  # counted at commit, not before
+    results.commit("s-fast", SHARD)
+    assert runs.progress("run-f").done == 3
+    assert [r.output.row for r in results.get_many(["a", "b", "c"])  # type: ignore[union-attr]
+            ] == [0, 1, 2]
+
+
+def test_a_bulk_batch_with_a_settled_or_busy_job_is_renumbered_and_counted_by_the_script(
+        results: ResultStore, runs: RunStore, client: redis.Redis) -> None:
+    """The pipelined rows assume every row is won: a job done by another run and one being
+    written elsewhere leave no gap in the shard's rows and are not counted as won."""
+    write(results, ["x"], "run-other", shard="s-old")
+    results.reserve([record("y", "s-live", "run-other")], "s-live", lease_s=30)
+    shard = "s-mixed"
+    claims = results.reserve([record(j, shard, "run-m") for j in ["a", "x", "y", "b"]], shard,
+                             lease_s=30)
+    assert [(c.state, c.row) for c in claims] == [("new", 0), ("done", None),
+                                                  ("busy", None), ("new", 1)]
+    results.commit(shard, SHARD)
+    progress = runs.progress("run-m")
+    assert progress.done == 3  # a, b, and x once (settled by another run)
+    [a, b] = results.get_many(["a", "b"])
+    assert a is not None and b is not None
+    assert (a.output, b.output) == (OutputLocation(shard=SHARD, row=0),
+                                    OutputLocation(shard=SHARD, row=1))
+
+
+def test_a_lost_reply_to_the_pipelined_reservation_changes_nothing(results: ResultStore,
+                                                                   runs: RunStore) -> None:
+    """redis-py sends a pipeline again when its reply was lost: the second finds the rows
+    this shard holds, and the script numbers and counts them once."""
+    batch = [record(j, "s-again", "run-a") for j in ["a", "b"]]
+    results.reserve(batch, "s-again", lease_s=30)
+    again = results.reserve(batch, "s-again", lease_s=30)
+    assert [(c.state, c.row) for c in again] == [("new", 0), ("new", 1)]
+    results.commit("s-again", SHARD)
+    assert runs.progress("run-a").done == 2
+
+
 def test_a_message_is_sent_if_any_of_its_single_submissions_is_new(
         results: ResultStore, client: redis.Redis) -> None:
     settings = Settings(redis_url="redis://unused", model="m", key_prefix=KEYS.prefix)
