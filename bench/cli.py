@@ -104,11 +104,14 @@ def bench_command(models: str, modes: str, modality: str, texts: int | None,
         image_sizes=parse_sizes(image_sizes))
     report = run_benchmark(options) if options.modes else {"command": options.command}
     if redis_cost_jobs:
-        from bench.redis_capacity import measure as at_capacity
+        from bench import redis_capacity
         from bench.redis_cost import render, section
 
         report["redis_cost"] = section(redis_cost_jobs, 32, 5, 64, redis_cost_baseline)
-        report["redis_cost"]["capacity"] = at_capacity(max(redis_cost_jobs, 8192))
+        report["redis_cost"]["capacity"] = redis_capacity.measure()
+        if redis_cost_baseline:
+            report["redis_cost"]["baseline"]["capacity"] = redis_capacity.baseline(
+                redis_cost_baseline, 32_768)
     target = json_out or workdir / "bench.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(report, indent=2))

@@ -23,13 +23,18 @@ many jobs one Redis core carries.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import os
 import selectors
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import hiredis
@@ -235,8 +240,34 @@ def measure(jobs: int = 32_768, per_message: int = 32, labels: int = 5, lanes: i
             "runs_us_per_job": [run["redis_cpu_us_per_job"] for run in runs]}
 
 
-if __name__ == "__main__":
-    import json
-    import sys
+def baseline(revision: str, jobs: int) -> dict[str, Any]:
+    """The same measurement, by this file, of the code at `revision` (its `control/` and
+    producer first on the path): old and new side by side, in one run."""
+    # Here, not at the top: this file also runs with an older tree's `bench` on the path.
+    from bench.worktree import checkout
 
-    print(json.dumps(measure(*map(int, sys.argv[1:])), indent=2))
+    with checkout(revision) as tree:
+        out = tree / "capacity-report.json"
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--jobs", str(jobs),
+                        "--json", str(out)], cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
+                       check=True)
+        report: dict[str, Any] = json.loads(out.read_text())
+    report["revision"] = revision
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--jobs", type=int, default=32_768)
+    parser.add_argument("--lanes", type=int, default=8)
+    parser.add_argument("--kept", type=int, default=900_000)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    report = measure(args.jobs, lanes=args.lanes, kept=args.kept)
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

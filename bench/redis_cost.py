@@ -496,21 +496,17 @@ def render(report: dict[str, Any], baseline: dict[str, Any] | None = None) -> st
 def _baseline(revision: str, args: argparse.Namespace) -> dict[str, Any]:
     """The same measurement, by this file, of the code at `revision` (in a temporary git
     worktree, first on the path): old and new measured the same way, in one run."""
-    repo = Path(__file__).resolve().parents[1]
-    with tempfile.TemporaryDirectory(prefix="ds-redis-cost-base-") as tmp:
-        tree, out = Path(tmp) / "tree", Path(tmp) / "report.json"
-        subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(tree),
-                        revision], check=True, capture_output=True)
-        try:
-            env = {**os.environ, "PYTHONPATH": str(tree)}
-            subprocess.run([sys.executable, str(Path(__file__).resolve()), "--jobs",
-                            str(args.jobs), "--per-message", str(args.per_message),
-                            "--labels", str(args.labels), "--singles", str(args.singles),
-                            "--json", str(out)], cwd=tree, env=env, check=True)
-            report: dict[str, Any] = json.loads(out.read_text())
-        finally:
-            subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force",
-                            str(tree)], check=False, capture_output=True)
+    # Here, not at the top: this file also runs with an older tree's `bench` on the path.
+    from bench.worktree import checkout
+
+    with checkout(revision) as tree:
+        out = tree / "redis-cost-report.json"
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--jobs",
+                        str(args.jobs), "--per-message", str(args.per_message),
+                        "--labels", str(args.labels), "--singles", str(args.singles),
+                        "--json", str(out)], cwd=tree, env=env, check=True)
+        report: dict[str, Any] = json.loads(out.read_text())
     report["revision"] = revision
     return report
 

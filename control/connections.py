@@ -25,7 +25,7 @@ import redis
 from botocore.config import Config as BotoConfig
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from schemas.settings import Settings
 
@@ -60,6 +60,20 @@ def sentinel_addresses(url: str) -> tuple[list[tuple[str, int]], str | None, int
     return [(part.hostname or "localhost", part.port or 26379) for part in parts], password, db
 
 
+class PrimaryFollowingConnection(SentinelManagedConnection):
+    """A connection that asks the sentinels for the primary on every connect, retries included.
+
+    redis-py (8.1) reconnects a dropped connection inside `send_packed_command` to the address
+    it had, and retries that address alone: a pipeline in flight when the primary died kept
+    retrying the dead one until its retries ran out (about 80 s for a producer, past its
+    minute of riding out a failover), however soon a replica was promoted."""
+
+    def _connect(self) -> Any:
+        if self.connection_pool.is_master:
+            self.host, self.port = self.connection_pool.get_master_address()
+        return super()._connect()
+
+
 def redis_client(settings: Settings, *, retries: int = REDIS_RETRIES,
                  timeout_s: float = 30) -> redis.Redis:
     """A client that retries dropped connections and timeouts `retries` times, with jitter."""
@@ -74,7 +88,8 @@ def redis_client(settings: Settings, *, retries: int = REDIS_RETRIES,
         sentinels, password, db = sentinel_addresses(settings.redis_dsn)
         sentinel = Sentinel(sentinels, socket_timeout=min(5, timeout_s))
         client: redis.Redis = sentinel.master_for(
-            settings.redis_sentinel_master, password=password, db=db, **options)
+            settings.redis_sentinel_master, password=password, db=db,
+            connection_class=PrimaryFollowingConnection, **options)
         return client
     return redis.Redis.from_url(settings.redis_dsn, decode_responses=False,
                                 health_check_interval=15, **options)

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +77,8 @@ def sentinel_group(tmp_path: Path) -> Iterator[tuple[Node, list[Node], list[Node
             nodes.append(_start([shutil.which("redis-server") or "redis-server", "--port",
                                  str(port), "--bind", "127.0.0.1", "--dir", str(directory),
                                  "--appendonly", "yes", "--appendfsync", "always",
-                                 "--save", "", *extra], port))
+                                 "--save", "", "--logfile", str(directory / "redis.log"),
+                                 *extra], port))
         for replica in nodes[1:3]:
             wait_for(lambda r=replica: r.client().info("replication")["master_link_status"]
                      == "up", 20, "the replicas to sync")
@@ -86,7 +88,8 @@ def sentinel_group(tmp_path: Path) -> Iterator[tuple[Node, list[Node], list[Node
             config.write_text(
                 f"port {port}\nbind 127.0.0.1\nsentinel monitor {MASTER} 127.0.0.1 "
                 f"{primary_port} 2\nsentinel down-after-milliseconds {MASTER} 1000\n"
-                f"sentinel failover-timeout {MASTER} 5000\n")
+                f"sentinel failover-timeout {MASTER} 5000\n"
+                f"logfile {tmp_path / f'sentinel-{i}.log'}\n")
             nodes.append(_start([shutil.which("redis-sentinel") or "redis-sentinel",
                                  str(config)], port))
         yield nodes[0], nodes[1:3], nodes[3:]
@@ -105,6 +108,7 @@ class Producer(threading.Thread):
         self._client, self._model = client, model
         self.acknowledged: list[str] = []
         self.errors: list[BaseException] = []
+        self.tracebacks: list[str] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -115,6 +119,7 @@ class Producer(threading.Thread):
                 self.acknowledged.append(self._client.submit(job))
             except Exception as exc:  # noqa: BLE001 - counted: the test says how many
                 self.errors.append(exc)
+                self.tracebacks.append(traceback.format_exc())
             i += 1
             time.sleep(0.01)
 
@@ -154,6 +159,6 @@ def test_a_primary_killed_mid_run_fails_over_and_no_acknowledged_job_is_lost(
         "not done")
     assert worker.process.poll() is None, "the worker followed the new primary"
     assert client.redis.connection_pool.get_master_address()[1] == promoted.port
-    assert producer.errors == [], "the producer rode out the failover"
+    assert producer.errors == [], f"the producer rode out the failover: {producer.tracebacks}"
     waits = promoted.client().info("commandstats").get("cmdstat_wait", {}).get("calls", 0)
     assert waits >= len(ids) - acknowledged_at_failover, "each enqueue waited for a replica"
