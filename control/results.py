@@ -60,9 +60,6 @@ end
 local function time_of(record)
   return struct.unpack('<I5', string.sub(record, 5, 9)) + ORIGIN
 end
-local function row_of(record)
-  return struct.unpack('<I2', string.sub(record, 14, 15))
-end
 local function with_row(record, row)
   return string.sub(record, 1, 13) .. struct.pack('<I2', row) .. string.sub(record, 16)
 end
@@ -453,8 +450,8 @@ class ResultStore:
                        first_row: int) -> list[Claim] | None:
         """The common case of a bulk batch, none of whose jobs has a record yet, without a
         script: a `SET NX EX` per job and the batch's counts for its runs, in one pipelined
-        round trip (Redis runs a script's `redis.call`s at about twice a plain command's
-        CPU: bench/redis_capacity.py). The rows and counts assume every row is won; if one
+        round trip (a script's `redis.call` costs Redis 1.5-2 times a plain command's CPU:
+        docs/scaling.md). The rows and counts assume every row is won; if one
         is not, the script decides (None), renumbering and recounting this call's own rows
         and setting the same counts, so a round trip sent twice changes nothing."""
         with self._redis.pipeline(transaction=False) as pipe:
