@@ -111,7 +111,7 @@ def bench_command(models: str, modes: str, modality: str, texts: int | None,
         report["redis_cost"]["capacity"] = redis_capacity.measure()
         if redis_cost_baseline:
             report["redis_cost"]["baseline"]["capacity"] = redis_capacity.baseline(
-                redis_cost_baseline, 32_768)
+                redis_cost_baseline)
     target = json_out or workdir / "bench.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(report, indent=2))

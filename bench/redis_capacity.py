@@ -54,6 +54,7 @@ from worker.local import start_redis_server
 # Sent by redis-py when it connects, not part of the protocol being measured.
 _HANDSHAKE = {b"HELLO", b"CLIENT", b"SELECT", b"AUTH"}
 MESSAGE_BYTES = 3500  # a 32-job message as the producer packs it (bench/redis_cost.py)
+JOBS = 32_768  # a run's jobs by default: enough for the replays to last seconds
 
 
 @dataclass
@@ -194,7 +195,7 @@ def _phase(client: redis.Redis, url: str, lanes: list[list[_Request]],
             "requests": sum(len(lane) for lane in lanes)}
 
 
-def measure(jobs: int = 32_768, per_message: int = 32, labels: int = 5, lanes: int = 8,
+def measure(jobs: int = JOBS, per_message: int = 32, labels: int = 5, lanes: int = 8,
             kept: int = 900_000) -> dict[str, Any]:
     """Record both sides' traffic for `jobs` bulk jobs, replay it on a Redis holding `kept`
     records over `lanes` connections a side; Redis CPU per job, best of 3 replays."""
@@ -240,7 +241,7 @@ def measure(jobs: int = 32_768, per_message: int = 32, labels: int = 5, lanes: i
             "runs_us_per_job": [run["redis_cpu_us_per_job"] for run in runs]}
 
 
-def baseline(revision: str, jobs: int) -> dict[str, Any]:
+def baseline(revision: str, jobs: int = JOBS) -> dict[str, Any]:
     """The same measurement, by this file, of the code at `revision` (its `control/` and
     producer first on the path): old and new side by side, in one run."""
     # Here, not at the top: this file also runs with an older tree's `bench` on the path.
@@ -258,7 +259,7 @@ def baseline(revision: str, jobs: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--jobs", type=int, default=32_768)
+    parser.add_argument("--jobs", type=int, default=JOBS)
     parser.add_argument("--lanes", type=int, default=8)
     parser.add_argument("--kept", type=int, default=900_000)
     parser.add_argument("--json", type=Path, default=None)

@@ -426,11 +426,11 @@ class ResultStore:
         committed is taken (after the caller has checked that shard's manifest)."""
         if not reservations:
             return []
-        now_ms, lease_ms = int(time.time() * 1000), int(lease_s * 1000)
         if not takeover and all(r.run_id for r in reservations):
             fresh = self._reserve_fresh(reservations, shard, first_row)
             if fresh is not None:
                 return fresh
+        now_ms, lease_ms = int(time.time() * 1000), int(lease_s * 1000)
         runs, number = _runs([r.run_id for r in reservations])
         keys = [self._keys.record(r.job_id) for r in reservations]
         keys.append(self._keys.shard_runs(shard))

@@ -126,6 +126,6 @@ def test_the_capacity_bench_replays_both_sides_recorded_traffic() -> None:
     require("redis-server")
     report = measure(jobs=256, per_message=32, labels=3, lanes=2, kept=1000)
     assert report["worker"]["requests"] == 4 * 256 // 32
-    assert report["worker"]["usec_per_job_by_command"]["set"] > 0  # the records, in scripts
+    assert report["worker"]["usec_per_job_by_command"]["set"] > 0  # the jobs' records
     assert 0 < report["producer"]["requests"] <= 4
     assert report["redis_cpu_us_per_job"] > 0 and len(report["runs_us_per_job"]) == 3
