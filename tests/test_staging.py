@@ -40,11 +40,13 @@ from worker.staging_stage import STAGED_BATCHES, PipelineStats, StagedBatch, Sta
 class StubForward:
     """Stages and forwards batches of fake items, recording when each step happens."""
 
-    def __init__(self, forward_gate: threading.Event | None = None) -> None:
+    def __init__(self, forward_gate: threading.Event | None = None,
+                 batches: int | None = None) -> None:
         self.staged: list[list[int]] = []
         self.forwarded: list[list[int]] = []
         self.forward_gate = forward_gate
-        self.staged_during_forward = 0
+        self.batches = batches  # when given, a forward pass waits for staging to move on
+        self.stalled_forwards = 0
 
     def stage_images(self, items: list[Any]) -> StagedPixels | None:
         self.staged.append([item.n for item in items])
@@ -59,7 +61,16 @@ class StubForward:
         if self.forward_gate is not None:
             self.forward_gate.wait(30)
         time.sleep(0.01)
-        self.staged_during_forward += len(self.staged) > before
+        if self.batches is not None:
+            # Whether staging goes on during a forward pass, not how fast (a loaded machine may
+            # not run the staging thread within any fixed time): it must stage another batch
+            # unless it is already as far ahead as the staged queue lets it be (the queue full
+            # and one more batch staged) or has nothing left.
+            ahead = min(self.batches, len(self.forwarded) + 1 + STAGED_BATCHES + 1)
+            deadline = time.monotonic() + 10
+            while len(self.staged) == before < ahead and time.monotonic() < deadline:
+                time.sleep(0.001)
+            self.stalled_forwards += len(self.staged) == before < ahead
         self.forwarded.append([item.n for item in items])
 
 
@@ -111,9 +122,9 @@ def test_staged_batches_are_forwarded_in_the_order_they_were_collected(stages: A
 
 
 def test_the_next_batch_is_staged_while_one_is_forwarded(stages: Any) -> None:
-    forward, _, _ = stages(StubForward(), items=20)
-    wait_for(lambda: len(forward.forwarded) == 10)
-    assert forward.staged_during_forward >= 5  # staging did not wait for the forward passes
+    forward, _, _ = stages(StubForward(batches=10), items=20)
+    wait_for(lambda: len(forward.forwarded) == 10, timeout=120)
+    assert forward.stalled_forwards == 0  # staging did not wait for the forward passes
 
 
 def test_staging_stops_when_the_model_falls_behind(stages: Any) -> None:
