@@ -30,7 +30,7 @@ import psutil
 from pydantic import SecretStr
 
 from bench.procs import CpuWindow, Watched, clean_env, start_watched, wait_until
-from bench.profile import Profiler
+from bench.stacks import Profiler
 from control.connections import redis_client
 from control.results import ResultStore
 from schemas.jobs import Job, Task, ZeroShotOptions
