@@ -43,13 +43,14 @@ def test_the_dry_run_measures_every_step_and_writes_one_report(tmp_path: Path) -
 
 def test_a_slow_step_is_stopped_at_the_deadline_and_the_rest_is_skipped(tmp_path: Path) -> None:
     budget = 25.0
+    # No step before parity: how long one takes (importing torch on a loaded machine) would
+    # decide whether parity starts at all, and the test is about stopping it.
     done, wall = run_gpu_check(tmp_path, "--budget-s", str(budget),
-                               "--steps", "device,parity,throughput",
+                               "--steps", "parity,throughput",
                                env={"DUALSTREAM_GPU_SLOW": "parity:600"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert wall < budget + 5  # the process's own start is outside the budget
     steps = json.loads((tmp_path / "gpu.json").read_text())["steps"]
-    assert steps["device"]["status"] == "done"
     assert steps["parity"]["status"] == "stopped" and "deadline" in steps["parity"]["note"]
     assert steps["throughput"]["status"] == "skipped"
     assert "left before the deadline" in steps["throughput"]["note"]

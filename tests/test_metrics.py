@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -53,8 +54,20 @@ def test_a_worker_counts_its_jobs_by_outcome_and_serves_its_probes(
     assert [r.status for r in results] == [Status.DONE] * 3 + [Status.FAILED] * 2
     failed_codes = [r.error.code.value for r in results[3:] if r.error]
 
-    samples = scrape(port)
-    assert samples[("dualstream_jobs_total", (("code", ""), ("outcome", "done")))] == 3
+    # A job's record reads done at its shard's commit, a moment before its writer counts it.
+    done = ("dualstream_jobs_total", (("code", ""), ("outcome", "done")))
+    write = ("dualstream_stage_seconds_count", (("stage", "write"),))
+    failed = [("dualstream_jobs_total", (("code", code), ("outcome", "failed")))
+              for code in failed_codes]
+    deadline = time.monotonic() + 30
+    while True:
+        samples = scrape(port)
+        settled = (samples.get(done) == 3 and samples.get(write) == 3
+                   and all(samples.get(key, 0) >= 1 for key in failed))
+        if settled or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert samples[done] == 3
     for code in failed_codes:
         assert samples[("dualstream_jobs_total", (("code", code), ("outcome", "failed")))] >= 1
     assert samples[("dualstream_batch_items_count", (("modality", "image"),))] >= 1

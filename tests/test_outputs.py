@@ -11,6 +11,7 @@ import io
 import json
 import threading
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ import pytest
 import redis
 from pydantic import ValidationError
 
+import control.results
 from control.objects import LocalOutputStore, S3OutputStore
 from control.results import Reservation, ResultStore
 from schemas.jobs import Job, Task
@@ -230,18 +232,24 @@ def test_every_shard_has_the_same_column_types_even_when_no_row_has_an_etag(
 
 
 def test_the_check_before_a_commit_renews_the_reservations_it_finds_held(
-        results: ResultStore) -> None:
+        results: ResultStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """The manifest's write then has a whole lease to land in before another writer may take
-    the job over (a write that outlasts a lease could otherwise commit a second row)."""
+    the job over (a write that outlasts a lease could otherwise commit a second row). Leases
+    are judged by the clock the clients send, so the test moves that clock: no sleep can make
+    it late on a slow machine."""
+    clock = [time.time()]
+    monkeypatch.setattr(control.results, "time", SimpleNamespace(time=lambda: clock[0]))
+    start = clock[0]
     [row] = rows(1)
-    reserve_as(results, row, "shard-a", lease_s=0.4)
-    time.sleep(0.3)
+    results.reserve([Reservation(row.job.job_id, row_record(row, "shard-a", start))],
+                    "shard-a", lease_s=0.4)
+    clock[0] = start + 0.3
     assert results.still_held([row.job.job_id], "shard-a") == [True]
-    time.sleep(0.3)  # 0.6 s after the reservation, 0.3 s after the renewal
+    clock[0] = start + 0.6  # past the first lease, 0.3 s into the renewed one
     [claim] = results.reserve([Reservation(row.job.job_id, row_record(row, "shard-b", 0))],
                               "shard-b", lease_s=0.4)
     assert claim.state == "busy" and claim.previous_shard == "shard-a"
-    time.sleep(0.5)
+    clock[0] = start + 1.1  # the renewed lease is over too
     [claim] = results.reserve([Reservation(row.job.job_id, row_record(row, "shard-b", 0))],
                               "shard-b", lease_s=0.4)
     assert claim.state == "taken"

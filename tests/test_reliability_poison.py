@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -264,22 +265,33 @@ def test_a_redis_outage_while_handling_is_not_counted_as_a_lost_delivery(
 
 def test_a_suspect_message_runs_alone_and_goes_before_new_work() -> None:
     gate, events = SuspectGate(), []
+    release_a = threading.Event()
 
-    def run(name: str, exclusive: bool, hold_s: float) -> None:
-        with gate.enter(exclusive=exclusive, timeout=10) as entered:
+    def run(name: str, exclusive: bool, hold: threading.Event | None = None) -> None:
+        with gate.enter(exclusive=exclusive, timeout=30) as entered:
             assert entered
             events.append(f"+{name}")
-            time.sleep(hold_s)
+            if hold is not None:
+                hold.wait(30)
+            time.sleep(0.05)  # room for another thread to (wrongly) enter meanwhile
             events.append(f"-{name}")
 
-    first = threading.Thread(target=run, args=("a", False, 0.3))
+    def wait_until(condition: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.005)
+
+    first = threading.Thread(target=run, args=("a", False, release_a))
     first.start()
-    time.sleep(0.05)
-    suspect = threading.Thread(target=run, args=("suspect", True, 0.3))
+    wait_until(lambda: events == ["+a"])
+    suspect = threading.Thread(target=run, args=("suspect", True))
     suspect.start()
-    time.sleep(0.05)
-    later = threading.Thread(target=run, args=("b", False, 0.0))
+    wait_until(lambda: gate._suspects_waiting == 1)
+    later = threading.Thread(target=run, args=("b", False))  # arrives while the suspect waits
     later.start()
+    time.sleep(0.05)
+    release_a.set()
     for thread in (first, suspect, later):
         thread.join()
     assert events == ["+a", "-a", "+suspect", "-suspect", "+b", "-b"]
