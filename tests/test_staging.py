@@ -168,6 +168,20 @@ class OutOfMemoryAbove:
         return self._encoder.encode_texts(texts)
 
 
+def halvings(batch: int, limit: int) -> list[int]:
+    """The forward passes a batch takes when passes above `limit` items run out of memory:
+    itself, then each half in turn, down to single items."""
+    if batch <= limit or batch == 1:
+        return [batch]
+    return [batch, *halvings(batch // 2, limit), *halvings(batch - batch // 2, limit)]
+
+
+def passes(batch_sizes: list[int], limit: int) -> list[int]:
+    """What the forward passes should be, batch after batch as the staging stage collected
+    them (how jobs fall into batches depends on when the preparation threads ran)."""
+    return [size for batch in batch_sizes for size in halvings(batch, limit)]
+
+
 @pytest.fixture
 def run_jobs(redis_url: str, tmp_path: Path) -> Callable[..., tuple[list[Any], Pipeline]]:
     def run(encoder: Any, jobs: list[Job], **overrides: Any) -> tuple[list[Any], Pipeline]:
@@ -234,8 +248,9 @@ def test_out_of_device_memory_splits_the_batch_in_halves_and_loses_nothing(
     jobs = image_jobs(tmp_path, 8, encoder.model_id)
     outcomes, pipeline = run_jobs(encoder, jobs)
     assert [r.status for r in outcomes] == [Status.DONE] * 8
-    assert pipeline.stats.batch_sizes == [8]
-    assert encoder.sizes == [8, 4, 2, 2, 4, 2, 2]
+    assert halvings(8, 2) == [8, 4, 2, 2, 4, 2, 2]
+    assert sum(pipeline.stats.batch_sizes) == 8 and max(pipeline.stats.batch_sizes) > 2
+    assert encoder.sizes == passes(pipeline.stats.batch_sizes, 2)
     rows = [encoder.preprocess_image(Image.open(job.image or "").convert("RGB")) for job in jobs]
     expected = tiny_encoders["openclip"].encode_images(torch.stack(rows)).numpy()
     found = np.array([r.embedding for r in outcomes])
@@ -249,21 +264,23 @@ def test_texts_out_of_device_memory_split_too_and_keep_their_truncation_flags(
     texts = ["a cat", "word " * 500, "a dog", "a car"]
     jobs = [Job(task=Task.TEXT_EMBEDDING, text=text, model=encoder.model_id,
                 idempotency_key=f"{tmp_path.name}-{i}") for i, text in enumerate(texts)]
-    outcomes, _ = run_jobs(encoder, jobs)
+    outcomes, pipeline = run_jobs(encoder, jobs)
     assert [r.status for r in outcomes] == [Status.DONE] * 4
     assert [r.text_truncated for r in outcomes] == [False, True, False, False]
-    assert encoder.sizes == [4, 2, 1, 1, 2, 1, 1]
+    assert sum(pipeline.stats.batch_sizes) == 4 and max(pipeline.stats.batch_sizes) > 1
+    assert encoder.sizes == passes(pipeline.stats.batch_sizes, 1)
 
 
 def test_one_item_that_still_runs_out_of_device_memory_is_retried_with_a_clear_error(
     run_jobs: Any, tmp_path: Path, tiny_encoders: dict[str, Any]
 ) -> None:
     encoder = OutOfMemoryAbove(tiny_encoders["openclip"], limit=0)
-    outcomes, _ = run_jobs(encoder, image_jobs(tmp_path, 4, encoder.model_id))
+    outcomes, pipeline = run_jobs(encoder, image_jobs(tmp_path, 4, encoder.model_id))
     assert all(isinstance(o, TransientError) for o in outcomes)  # retried, then dead-lettered
     assert {o.code for o in outcomes} == {ErrorCode.INTERNAL}
     assert all("out of device memory for a single item" in o.message for o in outcomes)
-    assert sorted(encoder.sizes) == [1, 1, 1, 1, 2, 2, 4]
+    assert sorted(encoder.sizes) == sorted(passes(pipeline.stats.batch_sizes, 0))
+    assert sum(pipeline.stats.batch_sizes) == 4
 
 
 # --- on a CUDA device: the staging stream ---------------------------------------------------
