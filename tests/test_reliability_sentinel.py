@@ -132,7 +132,11 @@ def test_a_primary_killed_mid_run_fails_over_and_no_acknowledged_job_is_lost(
     model = tiny_model_dirs["openclip"]
     settings = {"redis_url": url, "redis_sentinel_master": MASTER, "model": model,
                 "redis_replicas_to_ack": 1, "output_uri": (tmp_path / "out").as_uri(),
-                "health_dir": str(tmp_path / "h"), "heartbeat_ttl_s": 5}
+                "health_dir": str(tmp_path / "h"), "heartbeat_ttl_s": 5,
+                # A commit or an ack the old primary took after the promotion is lost (Sentinel
+                # is asynchronous); such a job waits out its row's lease before another
+                # delivery takes it over, so the lease is kept well inside the wait below.
+                "claim_lease_s": 30}
     worker = worker_launcher(settings)
     client = Client(Settings(redis_url=url, redis_sentinel_master=MASTER, model=model,
                              redis_replicas_to_ack=1))
