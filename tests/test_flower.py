@@ -63,6 +63,14 @@ class EventTap:
         self._thread.stop()
 
 
+def _answers(port: int) -> bool:
+    try:
+        flower_api(port, "workers")
+    except OSError:
+        return False
+    return True
+
+
 def test_flower_sees_the_worker_and_its_finished_tasks_sent_in_batches(
         start_worker: Any, redis_url: str, tiny_model_dirs: dict[str, str],
         tmp_path: Path) -> None:
@@ -77,6 +85,11 @@ def test_flower_sees_the_worker_and_its_finished_tasks_sent_in_batches(
         stdout=subprocess.DEVNULL,
         stderr=(tmp_path / "flower.log").open("wb"))
     try:
+        # Flower sees only the events sent after it has subscribed: it answers first.
+        deadline = time.monotonic() + 60
+        while not _answers(port):
+            assert time.monotonic() < deadline, (tmp_path / "flower.log").read_text()[-2000:]
+            time.sleep(0.2)
         start_worker(redis_url=redis_url, model=model)
         client = Client(Settings(redis_url=redis_url, model=model))
         job_ids = [client.submit(Job(task=Task.TEXT_EMBEDDING, text=f"a cat, {n}", model=model))

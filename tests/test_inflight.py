@@ -156,7 +156,7 @@ def test_a_message_in_a_live_consumers_list_that_it_does_not_hold_is_put_back(
     message = queue.get(timeout=2)
     [inflight] = held_lists(client)
     client.lpush(inflight, b'{"headers": {"id": "orphan"}}')
-    deadline = time.monotonic() + 3
+    deadline = time.monotonic() + 30  # two heartbeats apart, on a machine that may be slow
     while client.llen(QUEUE) == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     # Put back marked as redelivered (its JSON's first key).
@@ -186,16 +186,19 @@ def test_a_redis_outage_longer_than_the_ttl_sweeps_no_live_consumer(
         owned_redis: Any) -> None:
     """While Redis is down no consumer can beat; afterwards each gets a ttl to beat again."""
     server = owned_redis()
+    # A ttl of 3 s: the consumer's first beat after the outage waits for its client to
+    # reconnect (with backoff), which a loaded machine may stretch past the usual 1 s.
+    ttl_s = 3.0
     with Connection(server.url, transport=InflightTransport, transport_options={
-            "heartbeat_interval_s": 0.2, "heartbeat_ttl_s": TTL_S}) as conn:
+            "heartbeat_interval_s": 0.2, "heartbeat_ttl_s": ttl_s}) as conn:
         publish(conn, {"id": "m9"})
         queue = conn.SimpleQueue(QUEUE)
         message = queue.get(timeout=2)
         server.stop()
-        time.sleep(3 * TTL_S)
+        time.sleep(1.5 * ttl_s)
         server.start()
         client = server.client()
-        assert sweep_for(InflightLedger(client, KEYS, heartbeat_ttl_s=TTL_S), 3 * TTL_S) == 0
+        assert sweep_for(InflightLedger(client, KEYS, heartbeat_ttl_s=ttl_s), 2 * ttl_s) == 0
         assert client.llen(QUEUE) == 0 and len(held_lists(client)) == 1
         assert client.hgetall(KEYS.deliveries("m9")) == {}
         message.ack()
