@@ -70,7 +70,7 @@ MAX_DELIVERIES = 50
 # After the last kill: the sweep (ttl + one beat), a dead writer's claims (lease), a retry's
 # backoff, a worker's start and the work left.
 RECOVERY_MARGIN_S = 45
-RECOVERY_SLACK_S = 3
+RECOVERY_SLACK_S = 6  # a loaded machine: the sweeping worker may itself be starting or busy
 S3_FAULT_RATE = 0.05
 REDIS_DOWN_S = TTL_S + 3  # longer than the heartbeat ttl: no live worker may be swept for it
 
