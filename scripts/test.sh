@@ -9,4 +9,4 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 ruff check .
 lint-imports
 mypy
-python -m pytest -q "$@"
+python -m pytest -q --durations=25 "$@"

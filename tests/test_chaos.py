@@ -49,7 +49,7 @@ from tests.fixtures.faults import (
 )
 from tests.test_reliability_transient import wait_through_outages
 from tests.test_worker_e2e import upload_images
-from worker.tasks import MAX_COUNTDOWN_FRACTION
+from worker.message_policy import MAX_COUNTDOWN_FRACTION
 
 _ = owned_redis  # a fixture
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]

@@ -11,6 +11,7 @@ has no such hook.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import threading
@@ -23,10 +24,12 @@ import pytest
 import redis
 
 from control.deadletters import DeadLetterStore
+from control.results import Reservation
 from producer.client import Client
-from schemas.errors import ErrorCode
+from schemas.errors import ErrorCode, JobBusy, TransientError
 from schemas.jobs import Job, JobMessage, Task
 from schemas.keys import RedisKeys, queue_name
+from schemas.records import encode_done
 from schemas.results import Status
 from schemas.settings import Settings
 from tests.fixtures.faults import (
@@ -39,6 +42,7 @@ from tests.fixtures.faults import (
 )
 from tests.fixtures.services import REPO, worker_env
 from tests.images import jpeg_bytes
+from worker.message_policy import MAX_COUNTDOWN_FRACTION
 from worker.runtime import Runtime, build_runtime
 from worker.suspect_gate import SuspectGate
 
@@ -297,3 +301,39 @@ def test_a_suspect_message_runs_alone_and_goes_before_new_work() -> None:
     assert events == ["+a", "-a", "+suspect", "-suspect", "+b", "-b"]
     with gate.enter(exclusive=True, timeout=1), gate.enter(exclusive=False, timeout=0.1) as ok:
         assert not ok, "no other message while a suspect runs"
+
+
+def test_a_message_waiting_for_another_writers_row_may_wait_out_a_whole_lease(
+        runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Waiting for a row another writer holds is no failure of the message: it is retried past
+    `max_retries` for as many capped countdowns as a whole lease takes (a writer killed just
+    after reserving leaves one), then given up like any other. Other errors get `max_retries`."""
+    settings = runtime.settings
+    [job] = _image_jobs(tmp_path, settings.model, 1)
+    record = encode_done(run_id=None, finished_at=time.time(), attempts=1, dim=4,
+                         shard="elsewhere", row=0, labels=None, truncated=False, embedding=None)
+    [claim] = runtime.results.reserve([Reservation(job.job_id, record)], "elsewhere",
+                                      lease_s=settings.claim_lease_s)
+    assert claim.state == "new"
+    payload = {"jobs": [job.model_dump(mode="json")]}
+    lease_retries = math.ceil(settings.claim_lease_s / (
+        settings.visibility_timeout_s * MAX_COUNTDOWN_FRACTION)) + 1
+    last_wait = settings.max_retries + lease_retries
+    outcome = runtime.policy.handle(payload, message_id="b", attempt=last_wait)
+    assert isinstance(outcome.retry, JobBusy) and outcome.waits_for_lease
+    assert not outcome.dead_lettered and runtime.dead_letters.list() == []
+    assert runtime.policy.handle(payload, message_id="b", attempt=last_wait + 1).dead_lettered
+
+    (tmp_path / "other").mkdir()
+    [other] = _image_jobs(tmp_path / "other", settings.model, 1)
+
+    def refused(*_: Any, **__: Any) -> Any:
+        raise TransientError("the pipeline is full")
+
+    monkeypatch.setattr(runtime.pipeline, "submit", refused)
+    other_payload = {"jobs": [other.model_dump(mode="json")]}
+    outcome = runtime.policy.handle(other_payload, message_id="t",
+                                    attempt=settings.max_retries)
+    assert outcome.retry is not None and not outcome.waits_for_lease
+    assert runtime.policy.handle(other_payload, message_id="t",
+                                 attempt=settings.max_retries + 1).dead_lettered

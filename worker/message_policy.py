@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -43,6 +44,9 @@ log = logging.getLogger(__name__)
 # wait for the suspect gate for at most `GATE_FRACTION` of it.
 HOLD_FRACTION = 0.7
 GATE_FRACTION = 0.35
+# A retry's countdown is spent holding the new message unacknowledged (Celery keeps ETA
+# messages in memory), so it is capped at this share of the visibility timeout.
+MAX_COUNTDOWN_FRACTION = 0.25
 # SIGTERM → exit within `drain_timeout_s` (the grace period): held messages are settled (done
 # or requeued) by grace − reserve, the pipeline is closed by grace − TEARDOWN_S, and the
 # interpreter's own exit (about 2 s with torch loaded) takes the rest.
@@ -58,6 +62,7 @@ class Outcome:
 
     retry: TransientError | None = None
     retry_after_s: float | None = None
+    waits_for_lease: bool = False  # every job to retry is in another writer's live row
     dead_lettered: bool = False
     requeue: str | None = None  # why the message goes back on the queue as it is
     resend: tuple[dict[str, Any], ...] = ()  # publish these, then ack (a split poison message)
@@ -130,10 +135,22 @@ class MessagePolicy:
             # the message like a crash would.
             self._note_error(message_id, exc)
             raise
-        if outcome.retry is not None and attempt > self.settings.max_retries:
+        if outcome.retry is not None and attempt > self._retries_allowed(outcome):
             self._give_up(jobs, outcome.retry, payload, message_id, queue)
             outcome = Outcome(dead_lettered=True)
         return outcome
+
+    def _retries_allowed(self, outcome: Outcome) -> int:
+        """`max_retries`; a message whose jobs only wait for another writer's row (its lease
+        runs out, or that writer commits) is no failure of its own, so on top of those it may
+        wait out a whole lease, retried at most a capped countdown apart. A writer killed just
+        after reserving leaves a full lease (seen in a chaos run: a 60 s lease outlasted 8
+        retries 7.5 s apart, and two messages were dead-lettered while their rows waited)."""
+        if not outcome.waits_for_lease:
+            return self.settings.max_retries
+        countdown_cap_s = self.settings.visibility_timeout_s * MAX_COUNTDOWN_FRACTION
+        return self.settings.max_retries + math.ceil(
+            self.settings.claim_lease_s / countdown_cap_s) + 1
 
     def _note_error(self, message_id: str, exc: BaseException) -> None:
         try:
@@ -166,7 +183,7 @@ class MessagePolicy:
         first = errors[0]
         retry = first if isinstance(first, TransientError) else TransientError(str(first))
         return Outcome(retry=retry, retry_after_s=max(b.retry_after_s for b in busy) if busy
-                       else None)
+                       else None, waits_for_lease=len(busy) == len(errors))
 
     # Validation ----------------------------------------------------------------------------
     def _valid_jobs(self, payload: Any, message_id: str, queue: str | None) -> list[Job]:

@@ -26,15 +26,12 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from control.broker import start_sweeper
 from schemas.keys import TASK_NAME
 from schemas.settings import Settings
-from worker.message_policy import Outcome
+from worker.message_policy import MAX_COUNTDOWN_FRACTION, Outcome
 from worker.runtime import close_runtime, existing_runtime, get_runtime
 
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 60
-# A retry's countdown is spent holding the new message unacknowledged (Celery keeps ETA
-# messages in memory), so it is capped at this share of the visibility timeout.
-MAX_COUNTDOWN_FRACTION = 0.25
 
 
 def register(app: Celery) -> None:
