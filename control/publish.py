@@ -124,9 +124,11 @@ class TaskPublisher:
             try:
                 self._send(keys, args)
                 return
-            except (redis.ConnectionError, redis.TimeoutError):
+            except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.NoScriptError):
                 # redis-py retries a command, but not the pool's taking of a connection (at
-                # a failover: no primary yet). The call's token makes sending it again safe.
+                # a failover: no primary yet), and a pipeline it resends after reconnecting
+                # (to a new primary, or a restarted Redis) is not checked for its script
+                # again. The call's token makes sending it again safe.
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(min(2.0, 0.1 * 2 ** attempt))

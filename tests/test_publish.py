@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 import redis
 
 from control.broker import producer_app
 from control.publish import TaskPublisher
+from control.transport import EnqueueNotReplicated
 from producer.client import Client
 from schemas.jobs import Job, Task, pack_message
 from schemas.keys import TASK_NAME, queue_name
@@ -66,3 +68,30 @@ def test_a_single_submission_is_one_round_trip_and_its_result_one_more(
     assert len(sent) == 1
     assert client.results.get(job_id) is not None  # queued
     assert len(sent) == 2
+
+
+def test_a_publish_whose_script_is_gone_when_it_arrives_is_sent_again(
+        redis_url: str, monkeypatch: Any) -> None:
+    """With replicas to wait for, the script goes in a pipeline, which redis-py checks for its
+    script only before the first try: resent after a reconnection to a new primary (or a
+    restarted Redis) it meets a server without it. Simulated here by emptying the script cache
+    between the check and the send."""
+    settings = Settings(redis_url=redis_url, model="m", redis_replicas_to_ack=1,
+                        redis_replicas_ack_timeout_ms=10)
+    client = redis.Redis.from_url(redis_url)
+    queue = queue_name("m")
+    client.delete(queue)
+    check = redis.client.Pipeline.load_scripts
+    flushed: list[bool] = []
+
+    def check_then_lose_the_scripts(pipe: Any) -> None:
+        check(pipe)
+        if not flushed:
+            flushed.append(True)
+            redis.Redis.from_url(redis_url).script_flush()
+
+    monkeypatch.setattr(redis.client.Pipeline, "load_scripts", check_then_lose_the_scripts)
+    argument = pack_message([Job(task=Task.TEXT_EMBEDDING, text="t", model="m")], None)
+    with pytest.raises(EnqueueNotReplicated):  # this Redis has no replica: the script ran
+        TaskPublisher(client, settings).publish([(queue, argument)])
+    assert flushed and client.llen(queue) == 1
