@@ -10,6 +10,7 @@ has no such hook.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import math
 import subprocess
@@ -337,3 +338,32 @@ def test_a_message_waiting_for_another_writers_row_may_wait_out_a_whole_lease(
     assert outcome.retry is not None and not outcome.waits_for_lease
     assert runtime.policy.handle(other_payload, message_id="t",
                                  attempt=settings.max_retries + 1).dead_lettered
+
+
+def test_jobs_waiting_for_a_row_beside_jobs_that_failed_go_on_in_a_message_of_their_own(
+        runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Giving up on a message fails its jobs, but cannot fail a row another writer holds within
+    its lease: if that writer is dead, nobody would finish the job. So such jobs are sent again
+    on their own, and only the others fail."""
+    settings = runtime.settings
+    waiting, failing = _image_jobs(tmp_path, settings.model, 2)
+    record = encode_done(run_id=None, finished_at=time.time(), attempts=1, dim=4,
+                         shard="elsewhere", row=0, labels=None, truncated=False, embedding=None)
+    runtime.results.reserve([Reservation(waiting.job_id, record)], "elsewhere",
+                            lease_s=settings.claim_lease_s)
+    submit = runtime.pipeline.submit
+
+    def the_second_job_fails(jobs: list[Job], **kwargs: Any) -> list[Any]:
+        failed: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        failed.set_exception(TransientError("S3 is away"))
+        return [*submit(jobs[:1], **kwargs), failed]
+
+    monkeypatch.setattr(runtime.pipeline, "submit", the_second_job_fails)
+    payload = JobMessage(jobs=[waiting, failing], run_id="run-w").model_dump(mode="json")
+    outcome = runtime.policy.handle(payload, message_id="w",
+                                    attempt=settings.max_retries + 1)
+    assert outcome.dead_lettered
+    assert [JobMessage.model_validate(m).jobs for m in outcome.resend] == [[waiting]]
+    assert JobMessage.model_validate(outcome.resend[0]).run_id == "run-w"
+    assert runtime.results.statuses([waiting.job_id, failing.job_id]) == [
+        Status.RUNNING, Status.FAILED]

@@ -63,6 +63,7 @@ class Outcome:
     retry: TransientError | None = None
     retry_after_s: float | None = None
     waits_for_lease: bool = False  # every job to retry is in another writer's live row
+    waiting: tuple[Job, ...] = ()  # the jobs to retry that are in another writer's live row
     dead_lettered: bool = False
     requeue: str | None = None  # why the message goes back on the queue as it is
     resend: tuple[dict[str, Any], ...] = ()  # publish these, then ack (a split poison message)
@@ -136,8 +137,16 @@ class MessagePolicy:
             self._note_error(message_id, exc)
             raise
         if outcome.retry is not None and attempt > self._retries_allowed(outcome):
-            self._give_up(jobs, outcome.retry, payload, message_id, queue)
-            outcome = Outcome(dead_lettered=True)
+            # Jobs that wait for another writer's row beside jobs that failed go on in a
+            # message of their own: giving up cannot fail a row held within its lease, and
+            # they would be left to nobody if its writer is dead.
+            waiting = () if outcome.waits_for_lease else outcome.waiting
+            waiting_ids = {job.job_id for job in waiting}
+            self._give_up([job for job in jobs if job.job_id not in waiting_ids],
+                          outcome.retry, payload, message_id, queue)
+            outcome = Outcome(dead_lettered=True, resend=(JobMessage(
+                jobs=list(waiting), run_id=run_of(payload)).model_dump(mode="json"),)
+                if waiting else ())
         return outcome
 
     def _retries_allowed(self, outcome: Outcome) -> int:
@@ -160,8 +169,10 @@ class MessagePolicy:
 
     def _run(self, jobs: list[Job], attempt: int, deadline: float, run_id: str | None, *,
              recheck: bool) -> Outcome:
-        pending = set(self._pipeline.submit(jobs, attempts=attempt, run_id=run_id,
-                                            recheck=recheck))
+        futures = self._pipeline.submit(jobs, attempts=attempt, run_id=run_id,
+                                        recheck=recheck)
+        job_of = dict(zip(futures, jobs, strict=True))
+        pending = set(futures)
         done: set[concurrent.futures.Future[JobResult]] = set()
         while pending:
             limit = min(deadline, self._drain_deadline)
@@ -182,8 +193,9 @@ class MessagePolicy:
         busy = [e for e in errors if isinstance(e, JobBusy)]
         first = errors[0]
         retry = first if isinstance(first, TransientError) else TransientError(str(first))
+        waiting = tuple(job_of[f] for f in done if isinstance(f.exception(), JobBusy))
         return Outcome(retry=retry, retry_after_s=max(b.retry_after_s for b in busy) if busy
-                       else None, waits_for_lease=len(busy) == len(errors))
+                       else None, waits_for_lease=len(busy) == len(errors), waiting=waiting)
 
     # Validation ----------------------------------------------------------------------------
     def _valid_jobs(self, payload: Any, message_id: str, queue: str | None) -> list[Job]:
