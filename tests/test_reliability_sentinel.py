@@ -87,7 +87,7 @@ def sentinel_group(tmp_path: Path) -> Iterator[tuple[Node, list[Node], list[Node
             config = tmp_path / f"sentinel-{i}.conf"
             config.write_text(
                 f"port {port}\nbind 127.0.0.1\nsentinel monitor {MASTER} 127.0.0.1 "
-                f"{primary_port} 2\nsentinel down-after-milliseconds {MASTER} 1000\n"
+                f"{primary_port} 2\nsentinel down-after-milliseconds {MASTER} 2000\n"
                 f"sentinel failover-timeout {MASTER} 5000\n"
                 f"logfile {tmp_path / f'sentinel-{i}.log'}\n")
             nodes.append(_start([shutil.which("redis-sentinel") or "redis-sentinel",
@@ -145,9 +145,9 @@ def test_a_primary_killed_mid_run_fails_over_and_no_acknowledged_job_is_lost(
     wait_for(lambda: len(producer.acknowledged) >= 50, 60, "jobs before the failover")
     primary.process.send_signal(signal.SIGKILL)
     primary.process.wait()
-    promoted = wait_for(lambda: next((r for r in replicas if r.client().info("replication")
-                                      ["role"] == "master"), None), 60,
-                        "the sentinels to promote a replica")
+    wait_for(lambda: next((r for r in replicas if r.client().info("replication")
+                           ["role"] == "master"), None), 60,
+             "the sentinels to promote a replica")
     acknowledged_at_failover = len(producer.acknowledged)
     wait_for(lambda: len(producer.acknowledged) >= acknowledged_at_failover + 50, 120,
              "jobs after the failover")
@@ -162,7 +162,13 @@ def test_a_primary_killed_mid_run_fails_over_and_no_acknowledged_job_is_lost(
         f"{sum(s is not Status.DONE for s in statuses)} of {len(ids)} acknowledged jobs "
         "not done")
     assert worker.process.poll() is None, "the worker followed the new primary"
-    assert client.redis.connection_pool.get_master_address()[1] == promoted.port
+    # On a loaded machine a sentinel may find the promoted replica unresponsive for its
+    # `down-after` and fail over again, to the other replica (seen once in a full run, with
+    # a 1 s `down-after`): the clients follow whichever is the primary now, and enqueues
+    # waited for a replica on either.
+    [primary_now] = [r for r in replicas if r.client().info("replication")["role"] == "master"]
+    assert client.redis.connection_pool.get_master_address()[1] == primary_now.port
     assert producer.errors == [], f"the producer rode out the failover: {producer.tracebacks}"
-    waits = promoted.client().info("commandstats").get("cmdstat_wait", {}).get("calls", 0)
+    waits = sum(r.client().info("commandstats").get("cmdstat_wait", {}).get("calls", 0)
+                for r in replicas)
     assert waits >= len(ids) - acknowledged_at_failover, "each enqueue waited for a replica"
